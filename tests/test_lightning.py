@@ -484,7 +484,7 @@ def test_progress_bar_shows_the_cooldown(tmp_path, capsys, bar):
 
 # -- the private Lightning internals the adapter relies on --------------------------------------
 def test_private_internals_present_and_guarded(tmp_path):
-    from cooldown_callbacks.integrations import lightning as adapter
+    from cooldown_callbacks.integrations.lightning import _internals as adapter
 
     assert L.__version__.startswith(adapter.PINNED_LIGHTNING + ".")
     trainer, _ = fit(tmp_path, "run", cb=callback(tmp_path), max_steps=4, logger=False)

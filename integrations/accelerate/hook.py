@@ -1,66 +1,22 @@
-"""Accelerate and plain-PyTorch adapter: :class:`CooldownHook`.
-
-Accelerate has no training-loop callbacks, so the hook is one explicit call after each real
-optimizer step::
-
-    hook = CooldownHook(model, optimizer, schedule=WSD(warmup_steps=100),
-                        plan=ForkPlan(every=1000, cooldown=Cooldown(fraction=0.2)),
-                        loss_fn=lambda model, batch: model(**batch).loss,
-                        eval_fn=evaluate, train_loader=train_loader, accelerator=accelerator)
-    accelerator.register_for_checkpointing(hook)
-    for batch in train_loader:
-        with accelerator.accumulate(model):
-            accelerator.backward(loss_fn(model, batch))
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-        if accelerator.sync_gradients:
-            hook.step()          # drives the LR; forks when the plan says so
-    hook.finish()                # cools the final model if ForkPlan(at_end=True)
-
-The hook sets each param group's LR to ``initial_lr * schedule(t)`` in an optimizer step pre-hook,
-where ``t`` is the number of ``hook.step()`` calls so far (completed optimizer steps), so no
-scheduler is needed (with ``schedule=None`` the user's scheduler keeps driving the main branch).
-A fork repeats the loop body ``c`` times on cooldown batches - through ``accelerator.accumulate``,
-``accelerator.backward``, clipping and the prepared optimizer, or through the user's own
-``step_fn(batch)`` - then evaluates with ``eval_fn(model)``, saves, records, and restores the main
-branch in place (parameters, buffers, optimizer, schedulers, grad scaler, RNGs, accelerator step
-and gradient state).
-
-Without an ``accelerator`` the same hook drives a plain PyTorch loop (``loss.backward()``,
-``torch.nn.utils.clip_grad_norm_``, ``optimizer.step()``); under ``torchrun`` it uses
-``torch.distributed`` directly for the few collectives it needs.
-"""
+"""The Accelerate / plain-PyTorch :class:`CooldownHook`: one call after each optimizer step."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from cooldown_callbacks.data import cooldown_batches
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule
-from cooldown_callbacks.snapshot import STORAGES, Snapshot
+from cooldown_callbacks.snapshot import STORAGES
+
+from ._runner import _HookRunner, _grads_finite, _inner
 
 __all__ = ["CooldownHook"]
-
-
-def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind an accelerate ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer & co
-        opt = opt.optimizer
-    return opt
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 class CooldownHook:
@@ -206,12 +162,12 @@ class CooldownHook:
         rec = None
         suffix = ".pt" if self.save_fn is None else ""
         if self.engine.should_fork(t, evaluating=evaluating):
-            rec = self.engine.fork(t, self._Runner(self), suffix=suffix, main_metrics=metrics)
+            rec = self.engine.fork(t, _HookRunner(self), suffix=suffix, main_metrics=metrics)
             self._report(rec)
         else:
             start = self.engine.continue_due(t)
             if start is not None:
-                rec = self.engine.finish_continue(start, t, self._Runner(self), suffix=suffix, main_metrics=metrics)
+                rec = self.engine.finish_continue(start, t, _HookRunner(self), suffix=suffix, main_metrics=metrics)
                 self._report(rec)
         self._apply_main_lr()
         return rec
@@ -224,7 +180,7 @@ class CooldownHook:
         plan = self.engine.plan
         if not plan.at_end or t <= 0 or t in self.engine.completed:
             return None
-        rec = self.engine.fork(t, self._Runner(self), suffix=".pt" if self.save_fn is None else "", main_metrics=metrics)
+        rec = self.engine.fork(t, _HookRunner(self), suffix=".pt" if self.save_fn is None else "", main_metrics=metrics)
         self._report(rec)
         return rec
 
@@ -266,160 +222,4 @@ class CooldownHook:
             print(f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}) -> {status} "
                   f"in {rec.seconds:.1f}s", flush=True)
 
-    class _Runner:
-        """The engine's view of this hook for one fork."""
-
-        def __init__(self, hook: "CooldownHook") -> None:
-            self.h = hook
-            self._it: Iterable | None = None
-            self._micro = 0
-            self._gs_saved: dict | None = None
-            self._acc_step: int | None = None
-
-        def snapshot(self) -> Snapshot:
-            h = self.h
-            extras = []
-            acc = h.accelerator
-            if acc is not None:
-                gs = acc.gradient_state
-                extras.append((lambda: dict(gs.__dict__), lambda d: (gs.__dict__.clear(), gs.__dict__.update(d))))
-                extras.append((lambda: acc.step, lambda v: setattr(acc, "step", v)))
-            return Snapshot.take(modules=[h.model], optimizers=[_inner(o) for o in h.optimizers],
-                                 stateful=[*h._schedulers, *h._scalers, *h._stateful], generators=h._generators,
-                                 extras=extras, storage=h.snapshot_storage, directory=h.engine.dirpath)
-
-        def base_lrs(self) -> list[float]:
-            return [g["initial_lr"] for g in self.h._groups]
-
-        def current_lrs(self) -> list[float]:
-            return [g["lr"] for g in self.h._groups]
-
-        def begin(self, step: int, cooldown_steps: int) -> None:
-            h = self.h
-            plan = h.engine.plan
-            self._it = cooldown_batches(plan.data, loader=h.train_loader, step=step, seed=plan.seed,
-                                        rank=h.rank, world_size=h.world_size)
-            base, at_fork = self.base_lrs(), self.current_lrs()
-            h._fork_lrs = lambda k: h.engine.fork_lrs(step, k, cooldown_steps, base, at_fork)
-            h._fork_k = 0
-            h._fork_step, h._fork_bad_grad = step, None
-            self._micro = 0
-            if h.accelerator is not None:
-                gs = h.accelerator.gradient_state
-                gs.__dict__["_dataloader_references_ref"] = [None]  # no active main loader inside the fork
-                h.accelerator.step = 0
-            h.model.train()
-
-        def train_step(self, lrs: Sequence[float]) -> float | None:
-            h = self.h
-            loss_val = None
-            for _ in range(h.gradient_accumulation_steps):
-                batch = next(self._it)
-                h._fork_k = self._micro // h.gradient_accumulation_steps
-                self._micro += 1
-                if h.step_fn is not None:
-                    out = h.step_fn(batch)
-                    loss_val = out if out is None else float(out.detach() if torch.is_tensor(out) else out)
-                else:
-                    loss_val = self._micro_step(batch)
-            return loss_val
-
-        def _micro_step(self, batch: Any) -> float:
-            h = self.h
-            acc = h.accelerator
-            ga = h.gradient_accumulation_steps
-            if acc is not None:
-                batch = _to_device(batch, acc.device)
-                with acc.accumulate(h.model):
-                    with acc.autocast():
-                        loss = h.loss_fn(h.model, batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and h.max_grad_norm is not None:
-                        acc.clip_grad_norm_(h.model.parameters(), h.max_grad_norm)
-                    for o in h.optimizers:
-                        o.step()
-                    for o in h.optimizers:
-                        o.zero_grad()
-                return float(loss.detach())
-            last = self._micro % ga == 0
-            model = h.model
-            ctx = model.no_sync() if (not last and isinstance(model, torch.nn.parallel.DistributedDataParallel)) \
-                else contextlib.nullcontext()
-            with ctx:
-                loss = h.loss_fn(model, _to_device(batch, next(model.parameters()).device))
-                (loss / ga if ga > 1 else loss).backward()
-            if last:
-                if h.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), h.max_grad_norm)
-                for o in h.optimizers:
-                    o.step()
-                for o in h.optimizers:
-                    o.zero_grad()
-            return float(loss.detach())
-
-        def evaluate(self) -> dict:
-            h = self.h
-            modes = [(m, m.training) for m in h.model.modules()]
-            h.model.eval()
-            try:
-                with torch.no_grad():
-                    out = h.eval_fn(h.model)
-            finally:
-                for m, mode in modes:
-                    m.training = mode
-            if isinstance(out, dict):
-                return {k: float(v) for k, v in out.items()}
-            return {"val_loss": float(out)}
-
-        def save(self, path: Path) -> None:
-            h = self.h
-            if h.save_fn is not None:
-                h.save_fn(h.model, path)
-                return
-            if h.accelerator is not None:
-                state = h.accelerator.get_state_dict(h.model)
-                if h.accelerator.is_main_process:
-                    torch.save(state, path)
-            elif h.rank == 0:
-                torch.save(_unwrap(h.model).state_dict(), path)
-
-        def end(self) -> None:
-            h = self.h
-            h._fork_lrs = None
-            self._it = None
-
-        def nonfinite_grad_step(self) -> int | None:
-            return self.h._fork_bad_grad
-
-        def any_rank(self, flag: bool) -> bool:
-            h = self.h
-            if h.world_size == 1:
-                return flag
-            dev = h.accelerator.device if h.accelerator is not None else next(h.model.parameters()).device
-            t = torch.tensor([1.0 if flag else 0.0], device=dev)
-            torch.distributed.all_reduce(t)
-            return bool(t.item() > 0)
-
-        def barrier(self) -> None:
-            h = self.h
-            if h.world_size > 1:
-                if h.accelerator is not None:
-                    h.accelerator.wait_for_everyone()
-                else:
-                    torch.distributed.barrier()
-
-
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer is about to apply is finite (one max-norm, one sync)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if torch.is_tensor(batch):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
+    _Runner = _HookRunner  # the engine's view of this hook for one fork

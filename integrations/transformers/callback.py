@@ -1,100 +1,32 @@
-"""Hugging Face ``Trainer`` adapter: :class:`CooldownTrainerCallback`.
-
-One callback is all a user adds::
-
-    args = TrainingArguments(output_dir="out", max_steps=10_000, eval_strategy="steps", eval_steps=500, ...)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
-                      callbacks=[CooldownTrainerCallback(schedule=RSqrt(warmup_steps=200),
-                                 plan=ForkPlan(on_eval=True, cooldown=Cooldown(fraction=0.2)))])
-    trainer.train()
-
-At every evaluation point (or ``every=``/``at=``/``geometric=`` step) the callback forks a cooldown:
-it snapshots the main branch, runs ``c`` optimizer steps through the Trainer's own
-``training_step`` (gradient accumulation, ``no_sync`` for non-final micro-batches, clipping, mixed
-precision, the wrapped DDP model and the prepared optimizer), evaluates the cooled model with
-``trainer.evaluate(metric_key_prefix="cooldown")`` (``compute_metrics`` applies; ``report_to``
-integrations receive ``cooldown_*`` metrics), saves it with ``trainer.save_model`` into
-``<dirpath>/cooled-step=<S>-cd=<c>`` (loadable with ``from_pretrained``), records the fork in
-``log_history`` and ``<dirpath>/forks.jsonl``, and restores the main branch in place. The main
-branch's own log/eval/save at that step then happen as if no fork had run.
-
-**Learning rate.** With a ``schedule`` the callback replaces the Trainer's LR scheduler (at
-``on_train_begin``) by a ``LambdaLR`` whose multiplier is ``schedule(t)``: the main branch never
-decays at ``max_steps`` unless the plan says so (``mode="continue"``), and the LR the Trainer logs
-is the LR used. With ``schedule=None`` the Trainer's own scheduler (``lr_scheduler_type``, e.g.
-``"inverse_sqrt"`` or ``"warmup_stable_decay"`` without decay) drives the main branch and each fork
-decays from the current LR.
-
-**Cooldown data** (``ForkPlan(data=...)``): ``"peek"`` replays the main branch's own sampler (a copy
-of the prepared loader's batch sampler, positioned at the fork step exactly as the Trainer's resume
-logic positions it), so a fork sees the very batches the main branch will see next, grouped the way
-the Trainer groups them for gradient accumulation. It needs a map-style ``train_dataset`` and an
-order that is a function of the seed and epoch: the Trainer's default sampler
-(``accelerator_config.use_seedable_sampler=True``), ``train_sampling_strategy="sequential"`` or a
-``DistributedSampler``. ``"auto"`` (default) uses peek when possible, else ``"fresh"`` (a separate
-loader over ``train_dataset`` with its own seeded sampler, sharded per rank). An iterable gives
-collated batches of your own (e.g. an anneal mix).
-
-**When a fork equals a fixed-budget run bit for bit.** A fork after ``S`` steps with ``c`` cooldown
-steps gives the same weights and cooled metrics as a separate Trainer run of ``S + c`` steps whose
-scheduler is the cooled schedule (for ``WSD(W)``: ``lr_scheduler_type="warmup_stable_decay"``,
-``warmup_steps=W``, ``num_decay_steps=c``, same ``decay_type``), given: (1) ``data="peek"`` (the
-default when the order can be replayed; epoch ends and the gradient-accumulation remainder of an
-epoch are replayed too, including the seed a new epoch's DataLoader iterator draws from the RNG);
-(2) the same random numbers before step ``S``: evaluation draws from the global RNG (it creates
-DataLoader iterators), so the fixed run must evaluate at the same steps before ``S`` as the main
-branch and not at ``S`` itself (a fork runs *before* the main branch's evaluation at ``S``), unless
-training draws no random numbers (no dropout); (3) the same seed, arguments and data otherwise.
-
-**How the callback reaches its Trainer.** Callbacks never receive the Trainer. When the Trainer
-calls ``on_init_end`` (in ``Trainer.__init__``) and ``on_train_begin`` (in ``train()``), the
-callback looks up the call stack for the ``Trainer`` whose ``callback_handler`` holds *this very
-instance* (an identity check, so several Trainers in one process never mix). ``on_train_begin`` runs
-after ``restore_callback_states_from_checkpoint=True`` has re-created the callback, so the
-re-created instance finds its Trainer the same way. If you drive the callback handler from code of
-your own, call :meth:`CooldownTrainerCallback.attach` before ``train()``.
-
-**State.** The callback is an ``ExportableState``: its config (``args``) and fork history
-(``attributes``) are saved in every checkpoint's ``trainer_state.json``. On resume the history is
-taken back whether or not ``restore_callback_states_from_checkpoint`` is set (without it, from
-``TrainerState.stateful_callbacks``), so forks made before the checkpoint are not repeated. With
-``restore_callback_states_from_checkpoint=True`` the checkpoint's config wins (HF's rule); a
-``ForkPlan(data=<iterable>)``, which cannot be stored in JSON, is taken from the callback you passed
-to ``Trainer(callbacks=[...])``.
-
-Distributed: every rank forks at the same step (triggers depend only on the step and the Trainer's
-control flags) and runs the same collectives; rank zero writes files. DeepSpeed is not supported
-(its engine owns the optimizer step).
-"""
+"""The HF ``CooldownTrainerCallback``: replaces the Trainer's schedule and forks cooldowns per plan."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import functools
 import inspect
 import os
 import weakref
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerControl
 from transformers.utils import logging
 
-from cooldown_callbacks.data import cooldown_batches
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan, plan_lost_data
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule, schedule_from_dict
-from cooldown_callbacks.snapshot import STORAGES, Snapshot, capture_rng, restore_rng
+from cooldown_callbacks.snapshot import STORAGES, capture_rng, restore_rng
+
+from ._data import _data_kind
+from ._runner import _TrainerRunner, _holds
 
 __all__ = ["CooldownTrainerCallback"]
 
-logger = logging.get_logger(__name__)
+logger = logging.get_logger("cooldown_callbacks.integrations.transformers")
 
 _RESERVED_PREFIXES = ("eval", "train", "test")
 _DECAYING_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr",
@@ -457,265 +389,6 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         if self.verbose and self._engine is not None and self._engine.is_global_zero:
             print(line, flush=True)
 
-
-# -- the engine's view of the Trainer ------------------------------------------------------------
-class _TrainerRunner:
-    """Implements the engine's ``ForkRunner`` with the Trainer's own training step and evaluation.
-
-    One cooldown step repeats the body of ``Trainer._run_epoch`` for one optimizer step:
-    ``get_batch_samples``, per micro-batch ``_set_sync_gradients`` + ``no_sync`` (all but the last) +
-    ``training_step`` on ``model_wrapped``, then ``_clip_grad_norm``, ``optimizer.step()`` and
-    ``zero_grad``. Other callbacks' step events are not called during a fork.
-
-    Private internals used (pinned: transformers 5.23, accelerate 1.15; the tests in
-    tests/test_transformers.py fail if they move): ``Trainer._clip_grad_norm``,
-    ``Trainer.current_gradient_accumulation_steps``, ``Trainer.save_model(_internal_call=True)`` (no
-    Hub push per fork), accelerate's ``GradientState._set_sync_gradients``,
-    ``GradientState._dataloader_references_ref`` and ``plugin_kwargs["sync_each_batch"]``; for
-    ``data="peek"`` the batch-sampler chain of accelerate's prepared loader (``.batch_sampler``,
-    ``.sampler``, ``SeedableRandomSampler``) and the Trainer's epoch arithmetic
-    (``set_initial_training_values``, ``_init_training_state``).
-    """
-
-    def __init__(self, cb: CooldownTrainerCallback, trainer: Trainer) -> None:
-        self.cb, self.t = cb, trainer
-        self.opt = _inner(trainer.optimizer)
-        self._groups: Iterator | None = None
-        self._modes: list = []
-
-    def snapshot(self) -> Snapshot:
-        t = self.t
-        gs = t.accelerator.gradient_state
-        extras = [
-            (lambda: getattr(t, "current_gradient_accumulation_steps", None),
-             lambda v: setattr(t, "current_gradient_accumulation_steps", v)),
-            (lambda: (list(gs._dataloader_references_ref), gs.sync_gradients),
-             lambda v: (setattr(gs, "_dataloader_references_ref", list(v[0])), gs._set_sync_gradients(v[1]))),
-        ]
-        stateful = [t.lr_scheduler]
-        scaler = getattr(t.accelerator, "scaler", None)
-        if scaler is not None:
-            stateful.append(scaler)
-        # the wrapped (DDP) model too: its buffer/grad sync flags are main-branch state (deduplicated tensors)
-        modules = [t.model] if t.model_wrapped is t.model else [t.model, t.model_wrapped]
-        return Snapshot.take(modules=modules, optimizers=[self.opt], stateful=stateful, extras=extras,
-                             storage=self.cb.snapshot_storage, directory=self.cb._engine.dirpath)
-
-    def base_lrs(self) -> list[float]:
-        base = getattr(self.t.lr_scheduler, "base_lrs", None)
-        if base is not None and len(base) == len(self.opt.param_groups):
-            return [float(b) for b in base]
-        return [float(g.get("initial_lr", g["lr"])) for g in self.opt.param_groups]
-
-    def current_lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.opt.param_groups]
-
-    def begin(self, step: int, cooldown_steps: int) -> None:
-        t = self.t
-        self._modes = [(m, m.training) for m in t.model.modules()]
-        self._groups = _cooldown_groups(self.cb, t, step)
-
-    def train_step(self, lrs: Sequence[float]) -> float | None:
-        t, args = self.t, self.t.args
-        batch_samples, num_items = t.get_batch_samples(iter(next(self._groups)), args.gradient_accumulation_steps,
-                                                       args.device)
-        t.current_gradient_accumulation_steps = len(batch_samples)
-        model = t.model_wrapped
-        gs = t.accelerator.gradient_state
-        total = 0.0
-        for i, inputs in enumerate(batch_samples):
-            last = i == len(batch_samples) - 1
-            gs._set_sync_gradients(last)
-            sync_each = gs.plugin_kwargs.get("sync_each_batch", False)
-            ctx = contextlib.nullcontext() if (last or sync_each) else t.accelerator.no_sync(model=model)
-            with ctx:
-                loss = t.training_step(model, inputs, num_items)
-            total += float(loss.detach().float().sum()) if torch.is_tensor(loss) else float(loss)
-        if args.max_grad_norm is not None and args.max_grad_norm > 0:
-            t._clip_grad_norm(model)
-        for g, lr in zip(self.opt.param_groups, lrs):
-            g["lr"] = lr
-        t.optimizer.step()
-        model.zero_grad()
-        return total
-
-    def evaluate(self) -> dict:
-        prefix = self.cb.metric_key_prefix
-        metrics = self.t.evaluate(metric_key_prefix=prefix)
-        out = {}
-        for k, v in metrics.items():
-            if not k.startswith(prefix + "_"):
-                continue
-            try:
-                out[k] = float(v.item() if hasattr(v, "item") else v)
-            except (TypeError, ValueError):
-                out[k] = v
-        return out
-
-    def save(self, path: Path) -> None:
-        self.t.save_model(str(path), _internal_call=True)
-
-    def end(self) -> None:
-        for m, mode in self._modes:
-            m.training = mode
-        self._modes = []
-        self._groups = None
-
-    def any_rank(self, flag: bool) -> bool:
-        if self.t.args.world_size <= 1 or not torch.distributed.is_initialized():
-            return flag
-        x = torch.tensor([1.0 if flag else 0.0], device=self.t.args.device)
-        torch.distributed.all_reduce(x)
-        return bool(x.item() > 0)
-
-    def barrier(self) -> None:
-        if self.t.args.world_size > 1:
-            self.t.accelerator.wait_for_everyone()
-
-
-# -- cooldown data -------------------------------------------------------------------------------
-def _sampler_chain(loader: Any) -> tuple[list, Any]:
-    """``([batch samplers, outer to inner], innermost sampler)`` of a (prepared) DataLoader."""
-    chain, bs = [], getattr(loader, "batch_sampler", None)
-    while bs is not None:
-        chain.append(bs)
-        if isinstance(bs, BatchSampler) and not hasattr(bs, "batch_sampler"):
-            break
-        bs = getattr(bs, "batch_sampler", None)
-    return chain, (getattr(chain[-1], "sampler", None) if chain else None)
-
-
-def _replayable(loader: Any) -> bool:
-    """Whether the loader's order is a function of (seed, epoch), so a copy can replay it."""
-    from accelerate.data_loader import SeedableRandomSampler
-
-    if loader is None or isinstance(getattr(loader, "dataset", None), IterableDataset):
-        return False
-    chain, sampler = _sampler_chain(loader)
-    if not chain:
-        return False
-    try:
-        len(loader)
-    except TypeError:
-        return False
-    return isinstance(sampler, (SeedableRandomSampler, SequentialSampler, DistributedSampler))
-
-
-def _data_kind(data: Any, trainer: Trainer, loader: Any) -> str:
-    if not isinstance(data, str):
-        return "stream"
-    if data == "peek" and not _replayable(loader):
-        raise ValueError("Invalid plan: ForkPlan(data='peek') needs a map-style train_dataset whose order depends only "
-                         "on the seed and epoch (the Trainer's default sampler with use_seedable_sampler=True, "
-                         "train_sampling_strategy='sequential', or a DistributedSampler); use data='fresh' or an "
-                         "iterable of batches.")
-    if data == "auto":
-        data = "peek" if _replayable(loader) else "fresh"
-        if data == "fresh":
-            logger.info("CooldownTrainerCallback: the training order cannot be replayed; cooldowns use a separate "
-                        "seeded loader (ForkPlan(data='fresh')).")
-    if data == "fresh" and (trainer.train_dataset is None or loader is None):
-        raise ValueError("Invalid plan: ForkPlan(data='fresh') needs the Trainer's train_dataset; or pass an "
-                         "iterable of batches.")
-    return data
-
-
-def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int) -> Iterator[list]:
-    """Endless iterator of micro-batch groups, one group per cooldown optimizer step."""
-    args = trainer.args
-    ga = args.gradient_accumulation_steps
-    loader = trainer.callback_handler.train_dataloader
-    kind = cb._data_kind
-    if kind == "peek":
-        return _peek_groups(loader, step, ga)
-    if kind == "fresh":
-        chain, _ = _sampler_chain(loader)
-        bs = next((getattr(b, "batch_size", None) for b in reversed(chain) if getattr(b, "batch_size", None)), None)
-        template = DataLoader(trainer.train_dataset, batch_size=bs or args.train_batch_size,
-                              collate_fn=loader.collate_fn, drop_last=args.dataloader_drop_last)
-        it = cooldown_batches("fresh", loader=template, step=step, seed=cb.plan.seed, rank=args.process_index,
-                              world_size=args.world_size)
-    else:
-        it = cooldown_batches(cb.plan.data, step=step, seed=cb.plan.seed, rank=args.process_index,
-                              world_size=args.world_size)
-    return ([next(it) for _ in range(ga)] for _ in iter(int, 1))
-
-
-def _peek_groups(loader: Any, step: int, ga: int) -> Iterator[list]:
-    """The batches the main branch will train on after ``step`` optimizer steps, grouped as the
-    Trainer groups them (``ga`` micro-batches per step, the remainder at the end of an epoch).
-
-    Position: epoch ``step // n`` and ``(step % n) * ga`` batches into it, with ``n`` the optimizer
-    steps per epoch - the Trainer's own resume arithmetic (``_init_training_state``).
-    """
-    dataset = loader.dataset
-    chain, sampler = _sampler_chain(loader)
-    memo: dict[int, Any] = {id(dataset): dataset}
-    data_source = getattr(sampler, "data_source", None)
-    if data_source is not None:
-        memo[id(data_source)] = data_source
-    outer = copy.deepcopy(chain[0], memo)
-    copied_chain, copied_sampler = _sampler_chain(_Holder(outer))
-    n_batches = len(loader)
-    per_epoch = max(n_batches // ga + int(n_batches % ga > 0), 1)
-    remainder = n_batches % ga or ga
-    epoch, update = divmod(step, per_epoch)
-    getitems = getattr(dataset, "__getitems__", None)
-    collate = loader.collate_fn
-    own_generator = getattr(loader, "generator", None) is not None
-
-    def fetch(idx: list) -> Any:
-        items = getitems(idx) if getitems is not None else [dataset[i] for i in idx]
-        return collate(items)
-
-    while True:
-        if update == 0 and not own_generator:
-            # A new epoch: the Trainer creates a new DataLoader iterator, which draws one seed from the
-            # global RNG (torch's _BaseDataLoaderIter). Draw it too, so dropout in the cooldown steps
-            # after an epoch end matches a run that trained through that epoch end.
-            torch.empty((), dtype=torch.int64).random_()
-        for obj in [*copied_chain, copied_sampler]:
-            if hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
-        batches = iter(outer)
-        for _ in range(update * ga):
-            next(batches, None)
-        while update < per_epoch:
-            size = ga if update != per_epoch - 1 else remainder
-            group = [fetch(idx) for idx in _take(batches, size)]
-            if not group:
-                break
-            yield group
-            update += 1
-        epoch, update = epoch + 1, 0
-
-
-class _Holder:
-    def __init__(self, batch_sampler: Any) -> None:
-        self.batch_sampler = batch_sampler
-
-
-def _take(it: Iterator, n: int) -> list:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-    return out
-
-
-# -- small helpers -------------------------------------------------------------------------------
-def _holds(trainer: Any, cb: Any) -> bool:
-    handler = getattr(trainer, "callback_handler", None)
-    return any(c is cb for c in getattr(handler, "callbacks", ()))
-
-
-def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
 
 
 def _plan_to_json(plan: ForkPlan, data_missing: bool = False) -> dict:

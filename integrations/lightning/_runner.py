@@ -1,0 +1,231 @@
+"""The engine's view of one fork inside a running ``fit`` (the ``ForkRunner`` protocol) and the cooldown's progress bar."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+
+import lightning.pytorch as pl
+
+from cooldown_callbacks.data import cooldown_batches, is_stateful_loader
+from cooldown_callbacks.engine import ForkError
+from cooldown_callbacks.snapshot import Snapshot, capture_rng, restore_rng
+
+from ._internals import (RunningStage, _auto_micro_step, _cooled_validation, _ddp_extras, _discarded_train_logging,
+                         _manual_micro_step, _metric_extras, _module_hook, _module_train_modes, _next_batch_idx,
+                         _prefetched_batches, _progress_extras, _to_device)
+
+if TYPE_CHECKING:
+    from .callback import CooldownCallback
+
+
+class _CooldownBar:
+    """The cooldown's progress, nested under Lightning's TQDM bar or as a task of its Rich bar."""
+
+    def __init__(self, trainer: pl.Trainer, desc: str, total: int) -> None:
+        from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+        self._tqdm = self._rich = self._task = None
+        pb = trainer.progress_bar_callback
+        if pb is None or not pb.is_enabled or not trainer.is_global_zero:
+            return
+        if isinstance(pb, TQDMProgressBar):
+            from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+            pos = 2 * pb.process_position + (2 if trainer.validating else 1)
+            self._tqdm = Tqdm(desc=desc, total=total, position=pos, leave=False, dynamic_ncols=True, file=sys.stdout)
+        elif isinstance(pb, RichProgressBar) and pb.progress is not None:
+            self._rich = pb.progress
+            self._task = self._rich.add_task(desc, total=total)
+
+    def advance(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.update(1)
+        elif self._rich is not None:
+            self._rich.update(self._task, advance=1)
+            self._rich.refresh()
+
+    def close(self) -> None:
+        if self._tqdm is not None:
+            self._tqdm.close()
+        elif self._rich is not None:
+            self._rich.remove_task(self._task)
+        self._tqdm = self._rich = None
+
+
+class _Runner:
+    """The engine's view of one fork (the ``ForkRunner`` protocol) inside a running ``fit``."""
+
+    def __init__(self, cb: CooldownCallback, trainer: pl.Trainer, from_validation: bool = False) -> None:
+        self.cb, self.trainer = cb, trainer
+        self.module = trainer.lightning_module
+        self.from_validation = from_validation
+        self._stack = contextlib.ExitStack()
+        self._it: Iterator | None = None
+        self._batch_idx = 0
+        self._step, self._k = 0, 0
+
+    # snapshot / LRs
+    def snapshot(self) -> Snapshot:
+        tr = self.trainer
+        stateful = [c.scheduler for c in tr.lr_scheduler_configs] + [tr.precision_plugin]
+        extras = _progress_extras(tr) + _ddp_extras(tr) + _metric_extras(self.module)
+        return Snapshot.take(modules=[self.module], optimizers=list(tr.optimizers), stateful=stateful, extras=extras,
+                             storage=self.cb.snapshot_storage, directory=self.cb.engine.dirpath)
+
+    def base_lrs(self) -> list[float]:
+        return [g.get("initial_lr", g["lr"]) for g in self.cb._groups(self.trainer)]
+
+    def current_lrs(self) -> list[float]:
+        return [g["lr"] for g in self.cb._groups(self.trainer)]
+
+    # the cooldown
+    def begin(self, step: int, cooldown_steps: int) -> None:
+        cb, tr = self.cb, self.trainer
+        stack = self._stack
+        cb._forking = True
+        stack.callback(setattr, cb, "_forking", False)
+        stack.callback(setattr, cb, "_fork_lrs", None)
+        prev_grad = torch.is_grad_enabled()
+        stack.callback(torch.set_grad_enabled, prev_grad)
+        torch.set_grad_enabled(True)
+        if self.from_validation:  # inside the main validation: back to training stage and modes
+            stage = tr.state.stage
+            eval_modes = {n: m.training for n, m in self.module.named_modules()}
+            stack.callback(self._set_modes, eval_modes)
+            stack.callback(setattr, tr.state, "stage", stage)
+            tr.state.stage = RunningStage.TRAINING
+            _module_train_modes(tr).restore(self.module)
+        stack.enter_context(_discarded_train_logging(tr))
+        if cb.progress_bar:
+            cb._bar = _CooldownBar(tr, f"Cooldown @ {step}", cooldown_steps)
+            stack.callback(self._close_bar)
+        plan = cb.plan
+        pending: list = []
+        if plan.data == "peek" or (plan.data == "auto" and is_stateful_loader(tr.train_dataloader)):
+            pending = _prefetched_batches(tr)
+        source = cooldown_batches(plan.data, loader=tr.train_dataloader if isinstance(plan.data, str) else None,
+                                  step=step, seed=plan.seed, rank=tr.global_rank, world_size=tr.world_size)
+        self._it = _chain(pending, source)
+        self._batch_idx = _next_batch_idx(tr)
+        self._step, self._k = step, 0
+        cb._fork_bad_grad = None
+
+    def _set_modes(self, modes: dict) -> None:
+        for n, m in self.module.named_modules():
+            if n in modes:
+                m.training = modes[n]
+
+    def _close_bar(self) -> None:
+        if self.cb._bar is not None:
+            self.cb._bar.close()
+            self.cb._bar = None
+
+    def train_step(self, lrs: Sequence[float]) -> float | None:
+        cb, tr = self.cb, self.trainer
+        cb._fork_lrs = list(lrs)
+        cb._fork_step = self._step + self._k
+        self._k += 1
+        worst: float | None = None
+        if self.module.automatic_optimization:
+            ga = tr.accumulate_grad_batches
+            for j in range(ga):
+                loss = self._micro(first=j == 0, last=j == ga - 1)
+                worst = _worse(worst, loss)
+        else:
+            start = tr.global_step
+            for _ in range(1000):
+                worst = _worse(worst, self._micro(first=True, last=True))
+                if tr.global_step > start:
+                    break
+            else:
+                raise ForkError("manual optimization: 1000 calls of training_step never stepped an optimizer")
+        if cb._bar is not None:
+            cb._bar.advance()
+        return worst
+
+    def _micro(self, first: bool, last: bool) -> float | None:
+        tr = self.trainer
+        batch = _to_device(tr, next(self._it))
+        idx = self._batch_idx
+        self._batch_idx += 1
+        _module_hook(tr, "on_train_batch_start", batch, idx)
+        if self.module.automatic_optimization:
+            loss, out = _auto_micro_step(tr, batch, idx, first, last)
+        else:
+            loss, out = _manual_micro_step(tr, batch, idx)
+        _module_hook(tr, "on_train_batch_end", out, batch, idx)
+        return _float(loss)
+
+    def evaluate(self) -> dict:
+        cb, tr = self.cb, self.trainer
+        if cb._bar is not None:  # Lightning's own bar shows the cooled validation
+            cb._bar.close()
+            cb._bar = None
+        # In continue mode no snapshot surrounds this: keep the main branch's RNG stream untouched.
+        rng, forking = capture_rng(), cb._forking
+        cb._forking = True
+        try:
+            keep = [cb] + ([tr.progress_bar_callback] if tr.progress_bar_callback is not None else [])
+            metrics = _cooled_validation(tr, keep_callbacks=keep)
+        finally:
+            cb._forking = forking
+            restore_rng(rng)
+        if tr.world_size > 1 and metrics:
+            keys = sorted(metrics)
+            t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=tr.strategy.root_device)
+            t = tr.strategy.reduce(t, reduce_op="mean")
+            metrics = {k: float(v) for k, v in zip(keys, t.tolist())}
+        return metrics
+
+    def save(self, path: Path) -> None:
+        self.trainer.save_checkpoint(path, weights_only=self.cb.save_weights_only)
+
+    def end(self) -> None:
+        self._it = None
+        self._stack.close()
+
+    def nonfinite_grad_step(self) -> int | None:
+        return self.cb._fork_bad_grad
+
+    def any_rank(self, flag: bool) -> bool:
+        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+
+    def barrier(self) -> None:
+        self.trainer.strategy.barrier("cooldown_callbacks")
+
+def _float(x: Any) -> float | None:
+    if x is None:
+        return None
+    if torch.is_tensor(x):
+        return float(x.detach().float().item()) if x.numel() == 1 else None
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+
+def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every gradient the optimizer is about to apply is finite (one max-norm, one sync)."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+
+
+def _worse(a: float | None, b: float | None) -> float | None:
+    if b is None:
+        return a
+    if a is None or not math.isfinite(b):
+        return b
+    return a if not math.isfinite(a) else b
+
+
+def _chain(first: list, rest: Iterator) -> Iterator:
+    yield from first
+    yield from rest
+
