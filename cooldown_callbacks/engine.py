@@ -205,8 +205,11 @@ class ForkEngine:
 
     def other_runs(self) -> list[str]:
         """Ids of other runs whose records are in ``dirpath`` (rank zero reads the file)."""
+        path = self.dirpath / RECORDS_NAME
+        if not path.is_file():  # none yet (or not a regular file, e.g. a device standing in for a full disk)
+            return []
         try:
-            runs = {str(r.get("run")) for r in read_records(self.dirpath / RECORDS_NAME) if r.get("run")}
+            runs = {str(r.get("run")) for r in read_records(path) if r.get("run")}
         except OSError:
             return []
         return sorted(runs - {self.run_id})
@@ -298,6 +301,7 @@ class ForkEngine:
             loss = runner.train_step(self.fork_lrs(step, k, c, base, at_fork))
             if bad_step is None and loss is not None and not _finite(loss):
                 bad_step = step + k
+        rec.data = getattr(runner, "data_source", rec.data)  # again: the source can change mid-fork (data ran out)
         bad_grad = runner.nonfinite_grad_step() if hasattr(runner, "nonfinite_grad_step") else None
         if runner.any_rank(bad_step is not None or bad_grad is not None):
             raise ForkError(_nonfinite_message(bad_step, bad_grad))

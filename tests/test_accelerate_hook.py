@@ -42,9 +42,9 @@ def test_branch_mode_main_branch_is_bit_identical(ga, data, tmp_path):
     recs = read_records(tmp_path)
     assert [r["step"] for r in recs] == [4, 8, 12, 16, 20, 24]
     assert all(r["status"] == "ok" and r["cooldown_steps"] == 3 for r in recs)
-    assert all((tmp_path / f"cooled-step={s:08d}-cd=3.pt").exists() for s in [4, 8, 24])
+    assert all((tmp_path / f"cooled-step{s:08d}-cd3.pt").exists() for s in [4, 8, 24])
     # the cooled model differs from the main branch and has its own metrics
-    cooled = torch.load(tmp_path / "cooled-step=00000024-cd=3.pt")
+    cooled = torch.load(tmp_path / "cooled-step00000024-cd3.pt")
     assert not torch.equal(cooled["0.weight"], model[0].weight)
     assert recs[-1]["metrics"]["val_loss"] > 0
 
@@ -60,7 +60,7 @@ def test_peek_fork_equals_fixed_budget_run(ga, s, c, shape, tmp_path):
     ref_model, _, _ = run_plain(s + c, ga, schedule=SCHED.cooled(at=s, cooldown=cd), stateful=True)
     torch.manual_seed(0)
     run_plain(s + 2, ga, ForkPlan(at=[s], cooldown=cd, data="peek"), stateful=True, tmp=tmp_path)
-    cooled = torch.load(tmp_path / f"cooled-step={s:08d}-cd={c}.pt")
+    cooled = torch.load(tmp_path / f"cooled-step{s:08d}-cd{c}.pt")
     for k, v in ref_model.state_dict().items():
         assert torch.equal(cooled[k], v), k
 
@@ -101,7 +101,7 @@ def test_continue_mode_follows_the_wsds_schedule(tmp_path):
     # the cooled checkpoint at 8+3 is the main branch at step 11 of that same run
     torch.manual_seed(0)
     mid, _, _ = run_plain(11, schedule=RSqrt(3).with_cooldowns(at=[8], cooldown=cd, rewarm_steps=2))
-    cooled = torch.load(tmp_path / "cooled-step=00000008-cd=3.pt")
+    cooled = torch.load(tmp_path / "cooled-step00000008-cd3.pt")
     assert all(torch.equal(cooled[k], v) for k, v in mid.state_dict().items())
 
 
@@ -114,7 +114,7 @@ def test_at_end_cools_the_final_model_and_leaves_main_intact(tmp_path):
     assert read_records(tmp_path) == []
     rec = hook.finish()
     assert rec.status == "ok" and rec.step == 10 and rec.cooldown_steps == 2
-    assert (tmp_path / "cooled-step=00000010-cd=2.pt").exists()
+    assert (tmp_path / "cooled-step00000010-cd2.pt").exists()
     assert hook.finish() is None  # not twice
     assert_equal_states(full_state(ref_model, ref_opt), full_state(model, opt))
 
@@ -146,7 +146,7 @@ def test_float_eval_fn_and_custom_save_fn(tmp_path):
                         verbose=False)
     train(model, opt, loader, 4, after_step=hook.step)
     assert hook.records[0]["metrics"].keys() == {"val_loss"}
-    assert (tmp_path / "cooled-step=00000003-cd=1").exists() and len(saved) == 1
+    assert (tmp_path / "cooled-step00000003-cd1").exists() and len(saved) == 1
 
 
 def test_user_cooldown_stream(tmp_path):

@@ -34,7 +34,7 @@ def test_two_process_forks_keep_each_rank_main_branch_identical(loop, tmp_path):
     recs = read_records(tmp_path / "forks" / "cooled")
     assert [x["step"] for x in recs] == [5, 10, 15] and all(x["status"] == "ok" for x in recs)
     files = sorted(p.name for p in (tmp_path / "forks" / "cooled").iterdir())
-    assert files == ["cooled-step=00000005-cd=3.pt", "cooled-step=00000010-cd=3.pt", "cooled-step=00000015-cd=3.pt",
+    assert files == ["cooled-step00000005-cd3.pt", "cooled-step00000010-cd3.pt", "cooled-step00000015-cd3.pt",
                      "forks.jsonl"]  # written once, no temporaries left
     assert got.stdout.count("[cooldown] step") == 3  # summary printed on rank 0 only
 

@@ -166,7 +166,7 @@ def test_fault_in_a_fork_is_recorded_and_the_main_branch_is_untouched(loop, ga, 
     assert [(r["step"], r["status"]) for r in recs] == [(5, "failed"), (10, "ok")]
     assert reason in recs[0]["error"], recs[0]["error"]
     # the failure changed nothing for the next fork: its cooled model equals the one of a run without faults
-    name = "cooled-step=00000010-cd=3.pt"
+    name = "cooled-step00000010-cd3.pt"
     assert sorted(p.name for p in (tmp_path / "faulty").iterdir()) == [name, RECORDS_NAME]
     a, b = torch.load(tmp_path / "clean" / name), torch.load(tmp_path / "faulty" / name)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -246,7 +246,7 @@ def test_sigterm_during_a_fork_is_handled_after_the_main_branch_is_restored(hand
     recs = read_records(tmp_path)
     assert recs[0]["step"] == 5 and recs[0]["status"] == "failed"
     assert recs[0]["error"].startswith(f"interrupted by {sig.name}"), recs[0]["error"]
-    assert not (tmp_path / "cooled-step=00000005-cd=3.pt").exists() and not list(tmp_path.glob(".*tmp"))
+    assert not (tmp_path / "cooled-step00000005-cd3.pt").exists() and not list(tmp_path.glob(".*tmp"))
     if handler_kind == "saves-in-handler":
         assert [(r["step"], r["status"]) for r in recs] == [(5, "failed"), (10, "ok")]
 
@@ -280,7 +280,7 @@ def test_output_dir_lost_mid_run_fails_the_fork_and_training_goes_on(tmp_path):
     assert [(r["step"], r["status"]) for r in hook.records] == [(5, "failed"), (10, "ok")]
     assert "cooled" in hook.records[0]["error"] and "records file not written" in hook.records[0]["error"]
     assert [(r["step"], r["status"]) for r in read_records(out)] == [(10, "ok")]  # 5 could not be written
-    assert sorted(p.name for p in out.iterdir()) == ["cooled-step=00000010-cd=2.pt", RECORDS_NAME]
+    assert sorted(p.name for p in out.iterdir()) == ["cooled-step00000010-cd2.pt", RECORDS_NAME]
 
 
 def test_full_records_file_does_not_stop_the_run(tmp_path):
@@ -290,7 +290,7 @@ def test_full_records_file_does_not_stop_the_run(tmp_path):
     assert_equal_states(ref, full_state(model, opt))
     assert [(r["step"], r["status"]) for r in hook.records] == [(5, "ok"), (10, "ok")]
     assert all("records file not written" in r["error"] and "No space left" in r["error"] for r in hook.records)
-    assert (tmp_path / "cooled-step=00000010-cd=2.pt").exists()
+    assert (tmp_path / "cooled-step00000010-cd2.pt").exists()
 
 
 def test_checkpoint_write_failing_midway_leaves_nothing_and_training_goes_on(tmp_path):
@@ -313,7 +313,7 @@ def test_checkpoint_write_failing_midway_leaves_nothing_and_training_goes_on(tmp
     recs = read_records(tmp_path)
     assert [(r["step"], r["status"]) for r in recs] == [(5, "failed"), (10, "ok")]
     assert "RuntimeError" in recs[0]["error"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cooled-step=00000010-cd=2.pt", RECORDS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cooled-step00000010-cd2.pt", RECORDS_NAME]
 
 
 # -- atomic writes ------------------------------------------------------------------------------
@@ -360,7 +360,7 @@ def test_records_survive_a_torn_line_and_heal_on_the_next_append(tmp_path):
 
 # -- resume -------------------------------------------------------------------------------------
 
-def test_resumed_run_does_not_redo_forks_it_finished_and_a_new_run_is_not_confused(tmp_path):
+def test_resumed_run_does_not_redo_forks_it_finished_and_a_new_run_is_refused(tmp_path):
     plan = ForkPlan(every=5, cooldown=Cooldown(steps=2))
     saved = {}
 
@@ -379,10 +379,10 @@ def test_resumed_run_does_not_redo_forks_it_finished_and_a_new_run_is_not_confus
     rec = hook.step()
     assert rec.step == 5 and rec.status == "ok" and rec.metrics == read_records(tmp_path)[0]["metrics"]
     assert [r["step"] for r in read_records(tmp_path)] == [5] and 5 in hook.engine.completed
-    # a new run in the same folder: another run id, its forks run and are recorded
-    run_loop("plain", 5, plan, tmp_path)
-    recs = read_records(tmp_path)
-    assert [r["step"] for r in recs] == [5, 5] and recs[0]["run"] != recs[1]["run"]
+    # a new run in the same folder is refused before its first step (it would replace this run's cooled models)
+    with pytest.raises(ValueError, match=r"Invalid dirpath .* of another run"):
+        run_loop("plain", 5, plan, tmp_path)
+    assert [r["step"] for r in read_records(tmp_path)] == [5]
 
 
 def test_hook_drives_the_lr_after_accelerate_load_state(tmp_path):
@@ -424,8 +424,8 @@ def test_hook_drives_the_lr_after_accelerate_load_state(tmp_path):
     resumed, lrs2 = run(12, resume=str(tmp_path / "ckpt"))
     assert lrs2 == lrs[6:] and lrs[6] != lrs[7]
     assert_equal_states(full, resumed)
-    a = torch.load(tmp_path / "a" / "cooled-step=00000008-cd=2.pt")
-    b = torch.load(tmp_path / "b" / "cooled-step=00000008-cd=2.pt")
+    a = torch.load(tmp_path / "a" / "cooled-step00000008-cd2.pt")
+    b = torch.load(tmp_path / "b" / "cooled-step00000008-cd2.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
