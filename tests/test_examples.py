@@ -35,3 +35,23 @@ def test_accelerate_example_help():
     res = subprocess.run([sys.executable, str(ROOT / "examples" / "accelerate_charlm.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--max-steps" in res.stdout
+
+
+def test_nanogpt_style_example_quick(tmp_path, capsys):
+    """A loop without a DataLoader: data=<callable>, hook.step(step=iter_num), GradScaler, main metrics
+    logged after the fork; the report pairs them with the cooled ones."""
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import nanogpt_style
+    finally:
+        sys.path.pop(0)
+    records = nanogpt_style.main(["--quick", "--out", str(tmp_path / "run")])
+    assert [r["step"] for r in records] == [10, 20, 30, 40] and all(r["status"] == "ok" for r in records)
+    assert all(r["data"] == "callable" for r in records)
+    recs = read_records(tmp_path / "run" / "cooled")
+    assert all("val_loss" in r["main_metrics"] for r in recs[:3])  # logged at the top of the next iteration
+    assert sorted(p.name for p in (tmp_path / "run" / "cooled").glob("*.pt"))[0] == "cooled-step00000010-cd2.pt"
+    capsys.readouterr()
+    assert cli_main(["report", str(tmp_path / "run" / "cooled")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("10 "))
+    assert row.split()[4] != "-"  # the main branch's val_loss column is filled
