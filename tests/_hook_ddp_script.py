@@ -36,7 +36,7 @@ def main_accelerate(out: str, mode: str) -> None:
     else:
         def ev(m):
             t = torch.tensor([eval_fn(m)["val_loss"]])
-            return {"val_loss": acc.reduce(t, reduction="mean").item()}
+            return {"val_loss": acc.reduce(t, reduction="mean").item(), "rank": float(rank)}  # the hook averages
         hook = CooldownHook(model, opt, schedule=sched, plan=ForkPlan(every=5, cooldown=Cooldown(steps=3), data="fresh"),
                             loss_fn=loss_fn, eval_fn=ev, train_loader=loader, accelerator=acc, max_grad_norm=0.5,
                             dirpath=os.path.join(out, "cooled"), verbose=rank == 0)
@@ -67,7 +67,7 @@ def main() -> None:
                 raise RuntimeError("injected failure in the eval function")
             t = torch.tensor([eval_fn(m)["val_loss"]])
             dist.all_reduce(t)
-            return {"val_loss": t.item() / dist.get_world_size()}
+            return {"val_loss": t.item() / dist.get_world_size(), "rank": float(rank)}  # the hook averages
         hook = CooldownHook(model, opt, schedule=sched, plan=ForkPlan(every=5, cooldown=Cooldown(steps=3), data="fresh"),
                             loss_fn=loss_fn, eval_fn=ev, train_loader=loader, gradient_accumulation_steps=2,
                             max_grad_norm=0.5, dirpath=os.path.join(out, "cooled"), verbose=rank == 0)

@@ -33,6 +33,7 @@ def test_two_process_forks_keep_each_rank_main_branch_identical(loop, tmp_path):
         assert_equal_states(torch.load(tmp_path / "ref" / f"rank-{r}.pt"), torch.load(tmp_path / "forks" / f"rank-{r}.pt"))
     recs = read_records(tmp_path / "forks" / "cooled")
     assert [x["step"] for x in recs] == [5, 10, 15] and all(x["status"] == "ok" for x in recs)
+    assert all(x["metrics"]["rank"] == 0.5 for x in recs)  # eval_fn's metrics are averaged over the ranks
     files = sorted(p.name for p in (tmp_path / "forks" / "cooled").iterdir())
     assert files == ["cooled-step00000005-cd3.pt", "cooled-step00000010-cd3.pt", "cooled-step00000015-cd3.pt",
                      "forks.jsonl"]  # written once, no temporaries left

@@ -141,38 +141,45 @@ class _HookRunner:
         if h.step_fn is None:
             for _ in range(h.gradient_accumulation_steps):
                 loss_val = self._micro_step(next(self._batches))
-        else:
-            n = 0
-            fixed = h._ga_given
-            while (n < h.gradient_accumulation_steps) if fixed else (self._opt_steps() <= k and n < MAX_MICRO_BATCHES):
-                out = h.step_fn(next(self._batches))
-                n += 1
-                if out is not None:
-                    loss_val = float(out.detach() if torch.is_tensor(out) else out)
+            self._check_steps(k)
+            return loss_val
+        # step_fn: micro-batches until the optimizer has stepped (with gradient_accumulation_steps given, at
+        # least that many): a step_fn that keeps its own micro-batch counter ends the fork at a step boundary,
+        # so the main branch's accumulation goes on in phase even when the fork fails
+        ga, fixed, n = h.gradient_accumulation_steps, h._ga_given, 0
+        while n < MAX_MICRO_BATCHES and ((fixed and n < ga) or self._opt_steps() <= k):
+            out = h.step_fn(next(self._batches))
+            n += 1
+            if out is not None:
+                loss_val = float(out.detach() if torch.is_tensor(out) else out)
+        if fixed and n != ga and self._opt_steps() == k + 1:
+            raise ForkError(f"cooldown step {k + 1} of {self._c}: your step_fn stepped the optimizer after {n} "
+                            f"micro-batches, not every gradient_accumulation_steps={ga}; give the value your loop "
+                            "uses, or leave it out and the hook feeds micro-batches until the optimizer steps")
         self._check_steps(k)
         return loss_val
 
     def _check_steps(self, k: int) -> None:
+        """Every optimizer has stepped exactly once more in cooldown step ``k``, or the fork fails with why."""
         h = self.h
-        bad = {i: s for i, s in enumerate(self._steps.values()) if s != k + 1}
+        bad = [(i, s) for i, s in enumerate(self._steps.values()) if s != k + 1]
         if not bad:
             return
-        i, s = next(iter(bad.items()))
+        i, s = bad[0]
         got = s - k
         what = f"optimizer {i}" if len(self._steps) > 1 else "the optimizer"
-        if h.step_fn is not None and not h._ga_given and got <= 0:
+        if h.step_fn is not None and got <= 0:
             why = (f"step_fn ran {MAX_MICRO_BATCHES} micro-batches without an optimizer step (a GradScaler skipping "
                    "every step, or a step_fn that never steps)")
         elif h.step_fn is not None:
-            why = (f"your step_fn steps the optimizer {'less' if got <= 0 else 'more'} often than every "
-                   f"gradient_accumulation_steps={h.gradient_accumulation_steps} micro-batches; give the value your "
-                   "loop uses, or leave it out and the hook feeds micro-batches until the optimizer steps")
+            why = (f"your step_fn steps the optimizer more often than every gradient_accumulation_steps="
+                   f"{h.gradient_accumulation_steps} micro-batches; give the value your loop uses, or leave it out")
         elif got <= 0 and h._scaler_in_use():
             why = "the GradScaler skipped the step (non-finite scaled gradients)"
         else:
             why = "the optimizer was stepped outside the hook's loop body"
-        raise ForkError(f"cooldown step {k + 1} of {self._c} took {max(got, 0)} optimizer steps of {what} instead "
-                        f"of 1 ({why}); a cooled model must have run exactly its cooldown")
+        raise ForkError(f"cooldown step {k + 1} of {self._c}: {max(got, 0)} optimizer steps of {what} instead of 1 "
+                        f"({why}); a cooled model must have run exactly its cooldown")
 
     def _micro_step(self, batch: Any) -> float:
         h = self.h

@@ -243,12 +243,15 @@ class CooldownHook:
             return
         if not self._started:
             self._start()
+        self._check_foreign_lr()
+        self._apply_main_lr()
+
+    def _check_foreign_lr(self) -> None:
         if self._set_lrs is not None and [g["lr"] for g in self._groups] != self._set_lrs:
             self._warn("scheduler", "The learning rate was changed between two optimizer steps by something other than "
                        "the CooldownHook (an LR scheduler of yours that also steps?). With schedule=... the hook sets "
                        "the LR before every step, so your scheduler's get_last_lr() no longer reports the LR used. "
                        "Remove your scheduler, or pass schedule=None to keep it driving the main branch.")
-        self._apply_main_lr()
 
     def _count_forward(self, module: torch.nn.Module, args: Any) -> None:
         if self._active is None and torch.is_grad_enabled() and module.training:
@@ -334,6 +337,7 @@ class CooldownHook:
             if t != self.step_count + 1:
                 self._warn("step jump", f"hook.step(step={t}) after step {self.step_count}: call it after every "
                            "optimizer step; on resume, load the hook's state (hook.load_state_dict) before training.")
+        self._check_foreign_lr()
         self.step_count = t
         rec = None
         suffix = ".pt" if self.save_fn is None else ""
