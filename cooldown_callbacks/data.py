@@ -65,6 +65,11 @@ class PeekableLoader:
     handed back. The main branch then yields the handed-back batches first, so it sees the same
     batches in the same order as without forks. Other attributes are ``loader``'s.
 
+    A loader that draws from the global random number generators in this process when it makes a
+    batch (random augmentation without workers) cannot be peeked: its upcoming batches depend on the
+    random numbers the main branch draws before it gets them. The main branch's 2nd and 3rd batches of
+    each pass are checked (``draws_rng``), and such a loader is refused for ``"peek"``.
+
     Args:
         loader: the training loader (any iterable; a new pass starts with ``iter(loader)``).
         capture, apply: optional bookkeeping of a framework's loader that changes as batches are

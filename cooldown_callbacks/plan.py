@@ -35,10 +35,21 @@ class ForkPlan:
     the fork had not happened. ``mode="continue"`` (WSD-S): the decay steps are main-branch steps, the
     main branch keeps the cooled weights and the LR returns to the schedule (after ``rewarm_steps``).
 
-    ``data``: where cooldown batches come from: ``"peek"`` (the next batches the main branch will
-    see, from a clone of a stateful loader), ``"fresh"`` (a separate loader over the training data
-    with its own seeded sampler), ``"auto"`` (peek if the loader is stateful, else fresh), or any
-    iterable of batches (e.g. a high-quality anneal mix); it is cycled if it runs out.
+    ``data``: where cooldown batches come from (see :mod:`cooldown_callbacks.data`; each record's
+    ``data`` field says which one a fork used): ``"peek"`` (the next batches the main branch will
+    see: a clone of a stateful loader, or batches a :class:`~cooldown_callbacks.data.PeekableLoader`
+    takes from the main iterator and hands back - streams included), ``"fresh"`` (a separate loader
+    over the training data with its own seeded sampler; for a stream, the stream restarted from its
+    beginning), ``"auto"`` (peek where possible, else fresh for a map-style dataset; a stream that
+    cannot be peeked is refused), any iterable of batches (e.g. a high-quality anneal mix; cycled if
+    it runs out), or a callable ``data(step) -> iterable of batches``, called once per fork with the
+    fork step - for loops without a DataLoader, e.g. nanoGPT's ``get_batch``::
+
+        def cooldown_batches(step):
+            while True:
+                yield get_batch("train")
+
+        ForkPlan(every=500, data=cooldown_batches)
 
     ``at_end=True`` also cools the final model when training stops (max steps, time limit,
     ``should_stop``, preemption). ``on_fork_error``: ``"record"`` marks a failed fork in the records

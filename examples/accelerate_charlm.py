@@ -3,7 +3,9 @@ cooldowns along the way, and print the budget table: step, main-branch val loss,
 
     python examples/accelerate_charlm.py              # ~3 minutes on 2 CPU cores
     python examples/accelerate_charlm.py --quick      # ~20 seconds
-    accelerate launch --num_processes 2 examples/accelerate_charlm.py   # multi-process
+    torchrun --nproc_per_node 2 examples/accelerate_charlm.py   # two processes (on a machine without GPUs,
+                                                                # `accelerate launch --num_processes 2 --cpu`
+                                                                # starts only one)
 
 The fork records land in ``--out/forks.jsonl``; ``cooldown-callbacks report --out`` plots them.
 """
