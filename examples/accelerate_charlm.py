@@ -8,6 +8,9 @@ cooldowns along the way, and print the budget table: step, main-branch val loss,
                                                                 # starts only one)
 
 The fork records land in ``--out/forks.jsonl``; ``cooldown-callbacks report --out`` plots them.
+
+Run it again with another ``--out`` (or remove the old one): a new run refuses a folder that holds
+another run's cooled models and records.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ What the hook needs from such a loop, beside the usual arguments:
     python examples/nanogpt_style.py            # ~2 minutes on 2 CPU cores
     python examples/nanogpt_style.py --quick    # a few seconds
     torchrun --nproc_per_node 2 examples/nanogpt_style.py --quick   # DDP, as nanoGPT's train.py
+
+Run it again with another ``--out`` (or remove the old one): a new run refuses a folder that holds
+another run's cooled models and records.
 """
 
 from __future__ import annotations
@@ -86,10 +89,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def estimate_loss(m: torch.nn.Module) -> dict:
         was = m.training
         m.eval()
-        out = {split: float(torch.stack([forward(m, *get_batch(split)) for _ in range(args.eval_iters)]).mean())
-               for split in ("train", "val")}
+        losses = torch.stack([torch.stack([forward(m, *get_batch(split)) for _ in range(args.eval_iters)]).mean()
+                              for split in ("train", "val")])
+        if ddp:  # every rank sampled its own batches: the mean over ranks, as the hook reports the cooled loss
+            torch.distributed.all_reduce(losses)
+            losses /= torch.distributed.get_world_size()
         m.train(was)
-        return out
+        return {"train": float(losses[0]), "val": float(losses[1])}
 
     def cooldown_batches(step: int):
         while True:

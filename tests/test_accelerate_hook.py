@@ -231,6 +231,7 @@ def test_accelerate_resume_between_forks_equals_uninterrupted(tmp_path):
     (dict(plan=ForkPlan(every=5, mode="continue"), schedule=None), r"needs schedule="),
     (dict(plan=ForkPlan(on_eval=True, mode="continue")), r"not available in a hand-written loop"),
     (dict(snapshot_storage="gpu"), r"snapshot_storage \('gpu'\)"),
+    (dict(scalers=[torch.amp.GradScaler("cpu"), torch.amp.GradScaler("cpu")]), r"Invalid scalers: 2 enabled GradScalers"),
 ])
 def test_bad_input_is_refused_before_training(kwargs, match, tmp_path):
     model, opt = make_model_opt()

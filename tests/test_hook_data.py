@@ -176,6 +176,16 @@ def test_unwrapped_stream_is_refused_before_the_first_step(tmp_path):
     assert_not_updated(before, model, opt)
 
 
+def test_peek_on_a_loader_that_cannot_be_peeked_is_refused_before_the_first_step(tmp_path):
+    model, opt = make_model_opt()
+    before = params(model)
+    hook = CooldownHook(model, opt, schedule=SCHED, plan=ForkPlan(every=4, data="peek"), loss_fn=loss_fn,
+                        eval_fn=eval_fn, train_loader=make_loader(), dirpath=tmp_path, verbose=False)
+    with pytest.raises(ValueError, match=r"data='peek'.*a loader that cannot report its position.*hook.wrap"):
+        train(model, opt, hook.train_loader, 3, after_step=hook.step)
+    assert_not_updated(before, model, opt)
+
+
 def test_fresh_on_a_stream_restarts_it_and_says_so(tmp_path):
     class Restartable(IterableDataset):
         def __iter__(self):

@@ -193,6 +193,9 @@ def test_contradictory_accumulation_settings_are_refused(tmp_path):
     model, opt = make_model_opt()
     with pytest.raises(ValueError, match=r"Invalid gradient_accumulation_steps \(3\): the Accelerator accumulates 2"):
         hook_for(model, opt, tmp_path, accelerator=acc, gradient_accumulation_steps=3)
+    with pytest.raises(ValueError, match=r"Invalid scalers: with an accelerator the loss_fn path scales losses with "
+                                         r"the Accelerator's own scaler"):
+        hook_for(model, opt, tmp_path, accelerator=acc, scalers=[torch.amp.GradScaler("cpu")])
 
 
 # -- items 10, 11, 12: nanoGPT's loop ----------------------------------------------------------------
