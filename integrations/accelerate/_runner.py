@@ -182,59 +182,68 @@ class _HookRunner:
                         f"({why}); a cooled model must have run exactly its cooldown")
 
     def _micro_step(self, batch: Any) -> float:
+        """One micro-batch of the built-in loop body (``loss_fn``); the update at accumulation boundaries."""
         h = self.h
         acc = h.accelerator
-        ga = h.gradient_accumulation_steps
         self._micro += 1
-        last = self._micro % ga == 0
-        model = h.model
-        if acc is not None:
-            batch = to_device(batch, acc.device, acc)
-            if acc.gradient_accumulation_steps > 1:  # the accelerator accumulates (the user's accumulate())
-                with acc.accumulate(model):
-                    with acc.autocast():
-                        loss = h.loss_fn(model, batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients and h.max_grad_norm is not None:
-                        acc.clip_grad_norm_(model.parameters(), h.max_grad_norm)
-                    for o in h.optimizers:
-                        o.step()
-                    for o in h.optimizers:
-                        o.zero_grad()
-                return float(loss.detach())
-            # hand-written accumulation with the accelerator left at 1 (as Accelerate's own examples do)
-            with acc.no_sync(model) if not last else contextlib.nullcontext():
-                with acc.autocast():
-                    loss = h.loss_fn(model, batch)
-                acc.backward(loss / ga if ga > 1 else loss)
-            if last:
-                if h.max_grad_norm is not None:
-                    acc.clip_grad_norm_(model.parameters(), h.max_grad_norm)
-                for o in h.optimizers:
-                    o.step()
-                for o in h.optimizers:
-                    o.zero_grad()
+        if acc is not None and acc.gradient_accumulation_steps > 1:  # the accelerator accumulates (accumulate())
+            with acc.accumulate(h.model):
+                loss = self._backward(batch, 1)
+                if acc.sync_gradients:
+                    self._update()
             return float(loss.detach())
-        scaler = h._grad_scaler
-        ctx = model.no_sync() if (not last and isinstance(model, torch.nn.parallel.DistributedDataParallel)) \
-            else contextlib.nullcontext()
-        with ctx:
-            loss = h.loss_fn(model, to_device(batch, next(model.parameters()).device))
-            scaled = loss / ga if ga > 1 else loss
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        # hand-written accumulation (also with an Accelerator left at 1, as Accelerate's own examples do)
+        ga = h.gradient_accumulation_steps
+        last = self._micro % ga == 0
+        with self._no_sync(not last):
+            loss = self._backward(batch, ga)
         if last:
-            if h.max_grad_norm is not None:
+            self._update()
+        return float(loss.detach())
+
+    def _no_sync(self, enabled: bool) -> Any:
+        """No gradient communication on a non-final micro-batch, as users accumulate."""
+        h = self.h
+        if not enabled:
+            return contextlib.nullcontext()
+        if h.accelerator is not None:
+            return h.accelerator.no_sync(h.model)
+        if isinstance(h.model, torch.nn.parallel.DistributedDataParallel):
+            return h.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _backward(self, batch: Any, ga: int) -> torch.Tensor:
+        """``loss_fn`` on ``batch`` and backward of ``loss / ga`` (scaled by the plain loop's GradScaler)."""
+        h = self.h
+        acc = h.accelerator
+        if acc is not None:
+            with acc.autocast():
+                loss = h.loss_fn(h.model, to_device(batch, acc.device, acc))
+            acc.backward(loss / ga if ga > 1 else loss)
+            return loss
+        loss = h.loss_fn(h.model, to_device(batch, next(h.model.parameters()).device))
+        scaled = loss / ga if ga > 1 else loss
+        (h._grad_scaler.scale(scaled) if h._grad_scaler is not None else scaled).backward()
+        return loss
+
+    def _update(self) -> None:
+        """Clip (after unscaling), step every optimizer (through the GradScaler), zero the gradients."""
+        h = self.h
+        acc, scaler = h.accelerator, h._grad_scaler
+        if h.max_grad_norm is not None:
+            if acc is not None:
+                acc.clip_grad_norm_(h.model.parameters(), h.max_grad_norm)
+            else:
                 if scaler is not None:
                     for o in h.optimizers:
                         scaler.unscale_(o)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), h.max_grad_norm)
-            for o in h.optimizers:
-                scaler.step(o) if scaler is not None else o.step()
-            if scaler is not None:
-                scaler.update()
-            for o in h.optimizers:
-                o.zero_grad()
-        return float(loss.detach())
+                torch.nn.utils.clip_grad_norm_(h.model.parameters(), h.max_grad_norm)
+        for o in h.optimizers:
+            scaler.step(o) if scaler is not None else o.step()
+        if scaler is not None:
+            scaler.update()
+        for o in h.optimizers:
+            o.zero_grad()
 
     def evaluate(self) -> dict:
         h = self.h
