@@ -218,13 +218,13 @@ def fit(tmp: Path, name: str, *, cb=None, scheduler=None, model_kw=None, data_kw
         holder: list | None = None, **trainer_kw):
     """One seeded ``Trainer.fit`` (12 steps, validation every 4 by default); returns (trainer, model).
 
-    ``model`` / ``data``: a LightningModule / DataModule (default ``CharModel(**model_kw)`` /
-    ``CharData(**data_kw)``); ``logger``: ``True`` for ``CSVLogger(tmp, name, version=0)``, ``False``, or
+    ``model``: a LightningModule class or factory, called after seeding (default ``CharModel(**model_kw)``);
+    ``data``: a DataModule (default ``CharData(**data_kw)``); ``logger``: ``True`` for ``CSVLogger(tmp, name, version=0)``, ``False``, or
     a logger. ``scheduler``: ``optimizer -> LRScheduler`` for ``configure_optimizers``; ``poison`` /
     ``fail_val``: ``module -> bool`` making the training loss NaN / ``validation_step`` raise; ``holder``
     receives the model before ``fit`` (for runs that raise)."""
     L.seed_everything(seed, verbose=False)
-    model = CharModel(**(model_kw or {})) if model is None else model
+    model = (model or CharModel)(**(model_kw or {}))
     model.scheduler, model.poison, model.fail_val = scheduler, poison, fail_val
     if holder is not None:
         holder.append(model)
