@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar, TQDMProgressBar
@@ -20,7 +19,6 @@ from lightning.pytorch.loggers import CSVLogger
 
 from _lightning_models import (
     SCHEDULE,
-    CharData,
     CharModel,
     StreamData,
     TwoOptimizerModel,
@@ -33,7 +31,7 @@ from _lightning_models import (
 )
 from cooldown_callbacks import Cooldown, ForkPlan
 from cooldown_callbacks.integrations.lightning import CooldownCallback, CooldownMisconfiguration
-from cooldown_callbacks.records import RECORDS_NAME, read_records
+from cooldown_callbacks.records import read_records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,23 +203,25 @@ def test_plan_steps_two_optimizers_never_reach_are_reported(tmp_path):
 STREAM_KW = dict(val_check_interval=50, logger=False)  # no validation: the fixed-budget run validates elsewhere
 
 
+@pytest.mark.parametrize("plan", [ForkPlan(at=[5], cooldown=Cooldown(steps=3)),
+                                  ForkPlan(every=2, cooldown=Cooldown(steps=3))], ids=["one-fork", "overlapping"])
 @pytest.mark.parametrize("shared", [False, True], ids=["restartable-stream", "shared-read-position"])
-def test_stream_fork_cools_on_the_main_branchs_next_batches_and_hands_them_back(tmp_path, shared):
+def test_stream_fork_cools_on_the_main_branchs_next_batches_and_hands_them_back(tmp_path, shared, plan):
     """data='auto' on a plain DataLoader over an IterableDataset: the fork draws the main branch's next
     batches from Lightning's fetcher and hands them back: the main branch equals a run without forks and the
     cooled model equals a fixed-budget run on the same stream - also when every iterator of the dataset
-    reads from one shared position (a second iterator would take batches from the main branch)."""
-    s, cooldown = 5, Cooldown(steps=3)
-    cb = callback(tmp_path, ForkPlan(at=[s], cooldown=cooldown))
+    reads from one shared position (a second iterator would take batches from the main branch), and when a
+    fork reads past batches the previous fork handed back (forks 2 steps apart, 3-step cooldowns)."""
+    cb = callback(tmp_path, plan)
     ta, ma = fit(tmp_path, "forks", cb=cb, data=StreamData(shared=shared), max_steps=12, **STREAM_KW)
     tb, mb = fit(tmp_path, "plain", scheduler=lambda_scheduler(SCHEDULE), data=StreamData(shared=shared), max_steps=12,
                  **STREAM_KW)
     assert ta.global_step == tb.global_step == 12
     assert_bit_identical(params_and_optimizer(ma, ta), params_and_optimizer(mb, tb))
-    (rec,) = cb.records
-    assert (rec["status"], rec["data"]) == ("ok", "peek")
+    assert {(r["status"], r["data"]) for r in cb.records} == {("ok", "peek")}
 
-    fixed = SCHEDULE.cooled(at=s, cooldown=cooldown)
+    rec = cb.records[-1]  # the last fork: after every hand-back before it
+    fixed = SCHEDULE.cooled(at=rec["step"], cooldown=plan.cooldown)
     tf, mf = fit(tmp_path, "fixed", scheduler=lambda_scheduler(fixed), data=StreamData(shared=shared),
                  max_steps=fixed.total_steps, **STREAM_KW)
     cooled = torch.load(rec["checkpoint"], weights_only=False)["state_dict"]
@@ -308,7 +308,8 @@ def test_cooled_validation_draws_what_the_main_validation_draws(tmp_path, where)
         m.cb, m.draws = cb, draws
         return m
 
-    fit(tmp_path, "run", cb=cb, model=model, callbacks=[StopAt5()], logger=False, max_steps=8)
+    # StopAt5 after the callback: at its on_train_batch_end the callback cannot foresee the validation at 5
+    fit(tmp_path, "run", model=model, callbacks=[cb, StopAt5()], logger=False, max_steps=8)
     forks = [r["step"] for r in cb.records]
     assert forks == ([4, 8] if where == "before-validation" else [4, 5])
     runs = [draws[i:i + 2] for i in range(0, len(draws), 2)]  # one validation = 2 batches
@@ -346,10 +347,14 @@ def test_progress_bar_labels_cooled_metrics_and_leaves_no_line(tmp_path, bar):
 
     class Spy(Callback):
         def __init__(self, pb) -> None:
-            self.pb, self.shown = pb, []
+            self.pb, self.during, self.after = pb, [], []
+
+        def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+            if batch_idx == 0:
+                self.during.append(_shown(self.pb))
 
         def on_validation_end(self, trainer, pl_module) -> None:
-            self.shown.append(_shown(self.pb))
+            self.after.append(_shown(self.pb))
 
     runs = {}
     for name in ("forks", "plain"):
@@ -361,10 +366,11 @@ def test_progress_bar_labels_cooled_metrics_and_leaves_no_line(tmp_path, bar):
         runs[name] = (pb, spy, cb)
     pb, spy, cb = runs["forks"]
     cooled = [Tqdm.format_num(r["metrics"]["val_loss"]) for r in cb.records]
-    main = [s["val_loss"] for s in runs["plain"][1].shown]
-    assert all(c not in main for c in cooled)  # the check can tell cooled from main values
-    assert [s["val_loss"] for s in spy.shown] == main
-    assert [s["cooldown/val_loss"] for s in spy.shown] == cooled  # labelled as the cooled model's
+    main = [s["val_loss"] for s in runs["plain"][1].after]
+    assert len(cooled) == len(main) == 2 and all(c not in main for c in cooled)  # cooled and main values differ
+    assert all(shown.get("val_loss") not in cooled for shown in spy.during)  # the main validation after a fork
+    assert [s["val_loss"] for s in spy.after] == main
+    assert [s["cooldown/val_loss"] for s in spy.after] == cooled  # labelled as the cooled model's
     if bar == "rich":
         tasks = lambda p: [(t.description, t.visible) for t in p.progress.tasks]  # noqa: E731
         assert tasks(pb) == tasks(runs["plain"][0])
