@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .callback import CooldownCallback
 
 __all__ = ["CooldownMisconfiguration", "default_dirpath", "check_callbacks", "check_fit", "check_data",
-           "claim_dirpath", "warn_checkpoint_monitors", "unreachable_steps"]
+           "claim_dirpath", "warn_checkpoint_monitors", "unreachable_steps", "warn_steps_per_batch", "warn_data_source",
+           "listed"]
 
 
 class CooldownMisconfiguration(MisconfigurationException, ValueError):
@@ -156,3 +157,36 @@ def unreachable_steps(plan: ForkPlan, max_steps: int, steps_per_batch: int = 1) 
     bound = max_steps // max(1, steps_per_batch)
     beyond = [s for s in (plan.at or ()) if s > max_steps]
     return sorted(set(beyond + [s for s in plan.fork_steps(max_steps) if s > bound]))
+
+
+def warn_steps_per_batch(plan: ForkPlan, trainer: pl.Trainer, moved: int) -> None:
+    """Manual optimization moved ``global_step`` by ``moved`` in one batch: report plan steps it cannot reach."""
+    lost = unreachable_steps(plan, trainer.max_steps, moved)
+    if lost:
+        rank_zero_warn(
+            f"CooldownCallback: training_step made {moved} optimizer steps in one batch. Lightning's global_step "
+            f"and max_steps={trainer.max_steps} count every optimizer.step(); CooldownCallback counts one step "
+            f"per training batch that steps an optimizer (plan steps, cooldown lengths and the schedule use that "
+            f"count). Training stops after about {trainer.max_steps // moved} such steps, so ForkPlan step(s) "
+            f"{listed(lost)} will never be reached; raise max_steps or lower them.")
+
+
+def warn_data_source(plan: ForkPlan, source: str) -> bool:
+    """Warn when forks cool on data that is not the main branch's upcoming batches; returns whether it warned."""
+    if source.startswith("fresh (stream"):
+        msg = ("ForkPlan(data='fresh') restarts the train stream from its beginning for each fork: the cooldown "
+               "trains on batches the main branch has already seen (and a dataset whose iterators share one read "
+               "position would lose batches to the fork).")
+    elif source == "fresh" and plan.data == "auto":
+        msg = ("ForkPlan(data='auto') cannot peek at this plain DataLoader's upcoming batches, so forks cool on "
+               "a separate loader over the training data, shuffled with its own seed ('fresh'), which may repeat "
+               "batches the main branch has seen. Use torchdata's StatefulDataLoader to cool on the main "
+               "branch's next batches, or pass data='fresh' to choose this.")
+    else:
+        return False
+    rank_zero_warn(f"CooldownCallback: {msg} The records say data={source!r}.")
+    return True
+
+
+def listed(steps: list[int], n: int = 6) -> str:
+    return ", ".join(map(str, steps[:n])) + (f", ... ({len(steps)} in all)" if len(steps) > n else "")

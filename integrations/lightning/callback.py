@@ -22,7 +22,7 @@ from cooldown_callbacks.schedules import Schedule
 from cooldown_callbacks.snapshot import STORAGES, capture_rng, restore_rng
 
 from ._checks import (CooldownMisconfiguration, check_callbacks, check_data, check_fit, claim_dirpath, default_dirpath,
-                      unreachable_steps, warn_checkpoint_monitors)
+                      listed, unreachable_steps, warn_checkpoint_monitors, warn_data_source, warn_steps_per_batch)
 from ._internals import (SIGTERMException, TrainerFn, _at_step_boundary, _check_internals, _eval_every_steps,
                          _logger_step, _publish_metrics, _will_validate)
 from ._runner import _CooldownBar, _Runner, _float, _grads_finite
@@ -249,7 +249,7 @@ class CooldownCallback(Callback):
         warn_checkpoint_monitors(self, trainer)
         lost = unreachable_steps(self.plan, trainer.max_steps)
         if lost:
-            rank_zero_warn(f"CooldownCallback: ForkPlan step(s) {_listed(lost)} lie beyond max_steps="
+            rank_zero_warn(f"CooldownCallback: ForkPlan step(s) {listed(lost)} lie beyond max_steps="
                            f"{trainer.max_steps} and will never be reached.")
 
     @override
@@ -323,7 +323,8 @@ class CooldownCallback(Callback):
             moved = trainer.global_step - self._global_step_at_batch_start
             self._steps += int(moved > 0)
             if moved > 1 and not self._rate_warned:
-                self._warn_rate(trainer, moved)
+                self._rate_warned = True
+                warn_steps_per_batch(self.plan, trainer, moved)
         if not _at_step_boundary(trainer):
             return
         self._log_step = _logger_step(trainer)
@@ -345,17 +346,6 @@ class CooldownCallback(Callback):
             self._fork(trainer, step)
         if self.plan.on_eval:  # what a fork after this step's validation evaluates from (see on_validation_end)
             self._rng_before_validation = capture_rng()
-
-    def _warn_rate(self, trainer: pl.Trainer, moved: int) -> None:
-        self._rate_warned = True
-        lost = unreachable_steps(self.plan, trainer.max_steps, moved)
-        if lost:
-            rank_zero_warn(
-                f"CooldownCallback: training_step made {moved} optimizer steps in one batch. Lightning's global_step "
-                f"and max_steps={trainer.max_steps} count every optimizer.step(); CooldownCallback counts one step "
-                f"per training batch that steps an optimizer (plan steps, cooldown lengths and the schedule use that "
-                f"count). Training stops after about {trainer.max_steps // moved} such steps, so ForkPlan step(s) "
-                f"{_listed(lost)} will never be reached; raise max_steps or lower them.")
 
     @override
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -446,22 +436,9 @@ class CooldownCallback(Callback):
                                      f"{rec.mode}) -> {shown} in {rec.seconds:.1f}s")
 
     def _note_data_source(self, source: str) -> None:
-        """Warn once when forks cool on data that is not the main branch's upcoming batches."""
-        if self._data_warned:
-            return
-        if source.startswith("fresh (stream"):
-            msg = ("ForkPlan(data='fresh') restarts the train stream from its beginning for each fork: the cooldown "
-                   "trains on batches the main branch has already seen (and a dataset whose iterators share one read "
-                   "position would lose batches to the fork).")
-        elif source == "fresh" and self.plan.data == "auto":
-            msg = ("ForkPlan(data='auto') cannot peek at this plain DataLoader's upcoming batches, so forks cool on "
-                   "a separate loader over the training data, shuffled with its own seed ('fresh'), which may repeat "
-                   "batches the main branch has seen. Use torchdata's StatefulDataLoader to cool on the main "
-                   "branch's next batches, or pass data='fresh' to choose this.")
-        else:
-            return
-        self._data_warned = True
-        rank_zero_warn(f"CooldownCallback: {msg} The records say data={source!r}.")
+        """Warn once per fit when forks cool on data that is not the main branch's upcoming batches."""
+        if not self._data_warned:
+            self._data_warned = warn_data_source(self.plan, source)
 
     def _print(self, trainer: pl.Trainer, msg: str) -> None:
         from lightning.pytorch.callbacks import RichProgressBar
@@ -494,6 +471,3 @@ class CooldownCallback(Callback):
         if self._dirpath_arg is None and state_dict.get("dirpath"):
             self.engine.dirpath = Path(state_dict["dirpath"])  # the same run goes on in its own folder
 
-
-def _listed(steps: list[int], n: int = 6) -> str:
-    return ", ".join(map(str, steps[:n])) + (f", ... ({len(steps)} in all)" if len(steps) > n else "")
