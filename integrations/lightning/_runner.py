@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 import lightning.pytorch as pl
-
 from torch.utils.data import DataLoader, IterableDataset
 
 from cooldown_callbacks.data import cooldown_batches, is_stateful_loader
@@ -150,11 +149,16 @@ class _Runner:
         self._stack.callback(peek.hand_back)
         need = cooldown_steps * (tr.accumulate_grad_batches if self.module.automatic_optimization else 1)
         have = peek.draw(need)
-        if self.any_rank(peek.rng_moved or have < need):
+        if self.any_rank(peek.rng_moved):  # every rank agrees, so later forks skip the stream on every rank
+            self.cb._stream_rng_moved = True
+            raise ForkError(self._stream_problem(need, have))
+        if self.any_rank(have < need):
             raise ForkError(self._stream_problem(need, have))
         return self._checked(peek, need)
 
     def _checked(self, peek: _MainStreamPeek, need: int) -> Iterator:
+        """``peek``'s batches; past the ``need`` drawn ahead (manual optimization that did not step an
+        optimizer on every call) a missing batch fails the fork on this rank."""
         n = 0
         for batch in peek:
             n += 1
@@ -164,7 +168,6 @@ class _Runner:
     def _stream_problem(self, need: int, have: int) -> str:
         peek = self._peek
         if peek is not None and peek.rng_moved:
-            self.cb._stream_rng_moved = True
             return ("the train loader used the main process's global RNG while its next batch was drawn (a dataset "
                     "that shuffles or augments with random/numpy/torch and num_workers=0): the main branch's upcoming "
                     "batches got other random numbers than in a run without forks, so the main branch is no longer "
@@ -174,7 +177,7 @@ class _Runner:
             return (f"the train stream ends {have} batches from here and the cooldown needs {need}: a fork cools on "
                     "the main branch's upcoming batches only. Fork earlier, or pass ForkPlan(data='fresh') (restarts "
                     "the stream from its beginning) or an iterable of cooldown batches")
-        return "the train stream could not supply the cooldown's batches on another rank"
+        return "the train stream could not supply the cooldown's batches, or used the global RNG, on another rank"
 
     def _set_modes(self, modes: dict) -> None:
         for n, m in self.module.named_modules():
@@ -211,11 +214,7 @@ class _Runner:
 
     def _micro(self, first: bool, last: bool) -> float | None:
         tr = self.trainer
-        try:
-            batch = next(self._it)
-        except StopIteration:  # only a finite iterable of the user's ends (cooldown_batches cycles)
-            raise ForkError("the cooldown data ran out") from None
-        batch = _to_device(tr, batch)
+        batch = _to_device(tr, next(self._it))
         idx = self._batch_idx
         self._batch_idx += 1
         _module_hook(tr, "on_train_batch_start", batch, idx)

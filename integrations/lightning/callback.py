@@ -86,7 +86,7 @@ class CooldownCallback(Callback):
     ``training_step`` does), ``Cooldown(fraction=...)``, the schedule's ``t`` and the records' ``step``
     all use this count (kept in the callback's checkpointed state). Lightning's ``max_steps`` counts
     every ``optimizer.step()``: a plan step that training cannot reach (``at=`` beyond ``max_steps``,
-    or beyond the steps left at two optimizer steps per batch) is reported with a warning.
+    or beyond what ``max_steps`` allows at several optimizer steps per batch) is reported with a warning.
 
     **Where things go.** Each fresh ``fit`` writes into a folder of its own (see ``dirpath``) and
     refuses, before the first step, a folder holding another run's ``forks.jsonl`` (a second fresh run
