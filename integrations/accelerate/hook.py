@@ -25,6 +25,9 @@ __all__ = ["CooldownHook"]
 
 DEFAULT_FILENAME = "cooled-step{step:08d}-cd{cooldown}"  # no '=': command-line configurators split on it
 
+# optimizer -> the hook that drives its LR (weak both ways: the optimizer stays picklable, nothing is kept alive)
+_DRIVEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref]" = weakref.WeakKeyDictionary()
+
 
 class CooldownHook:
     """Runs the main branch from ``schedule`` and forks cooldowns per ``plan`` in a hand-written loop.
@@ -134,7 +137,7 @@ class CooldownHook:
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
         grad_scaler = self._pick_scaler(scalers, accelerator, loss_fn is not None)
         for o in optimizers:
-            other = getattr(_inner(o), "_cooldown_hook", lambda: None)()
+            other = _DRIVEN.get(_inner(o), lambda: None)()
             if other is not None and other._handles:
                 raise ValueError(
                     "Invalid optimizer: another CooldownHook already drives its learning rate; two hooks would "
@@ -174,7 +177,7 @@ class CooldownHook:
         self._handles = [_inner(o).register_step_pre_hook(self._pre_step) for o in optimizers]
         self._count_handle = model.register_forward_pre_hook(self._count_forward) if loss_fn is not None else None
         for o in optimizers:
-            _inner(o)._cooldown_hook = weakref.ref(self)
+            _DRIVEN[_inner(o)] = weakref.ref(self)
         self._apply_main_lr()
 
     @staticmethod
@@ -388,9 +391,9 @@ class CooldownHook:
             self._count_handle.remove()
             self._count_handle = None
         for o in self.optimizers:
-            ref = getattr(_inner(o), "_cooldown_hook", None)
+            ref = _DRIVEN.get(_inner(o))
             if ref is not None and ref() is self:
-                del _inner(o)._cooldown_hook
+                del _DRIVEN[_inner(o)]
 
     # -- checkpointing (accelerator.register_for_checkpointing) ------------------------------
     def state_dict(self) -> dict:
