@@ -1,7 +1,8 @@
 """A copy of everything the main branch's future depends on, restored in place.
 
 What is captured (see ``shared/INTEGRATION_NOTES.md``): parameters and buffers (and gradients that
-exist), every optimizer's per-parameter state and param-group hyper-parameters, LR schedulers,
+exist), the optimizers' own params that are not module parameters (fp32 master copies, e.g. DeepSpeed
+ZeRO's partitions), every optimizer's per-parameter state and param-group hyper-parameters, LR schedulers,
 grad scalers and any other object with ``state_dict``/``load_state_dict``, the global RNGs
 (python, numpy, torch CPU, every initialised CUDA device), given ``torch.Generator`` objects, and
 arbitrary ``(get, set)`` pairs for state that has no ``state_dict`` (e.g. torchmetrics states), and the
@@ -181,6 +182,13 @@ class Snapshot:
                 add(t)
                 if grads and isinstance(t, torch.nn.Parameter):
                     snap._grads.append((t, add(t.grad) if t.grad is not None else None))
+        optimizers = list(optimizers)
+        for opt in optimizers:  # params that are not module parameters: fp32 master copies (DeepSpeed ZeRO)
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        add(p)
         snap._n_module = len(tensors)
         for opt in optimizers:
             groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]

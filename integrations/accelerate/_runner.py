@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
+from cooldown_callbacks import deepspeed_zero
 from cooldown_callbacks.data import cooldown_batches
 from cooldown_callbacks.snapshot import Snapshot
 
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
 
 
 def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind an accelerate ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer & co
+    """The torch optimizer behind an accelerate ``AcceleratedOptimizer`` and/or a DeepSpeed (ZeRO)
+    optimizer (or the optimizer itself)."""
+    while hasattr(getattr(opt, "optimizer", None), "param_groups"):  # AcceleratedOptimizer, DeepSpeedZeroOptimizer
         opt = opt.optimizer
     return opt
 
@@ -44,8 +46,12 @@ class _HookRunner:
             gs = acc.gradient_state
             extras.append((lambda: dict(gs.__dict__), lambda d: (gs.__dict__.clear(), gs.__dict__.update(d))))
             extras.append((lambda: acc.step, lambda v: setattr(acc, "step", v)))
+        stateful = [*h._schedulers, *h._scalers, *h._stateful]
+        if h._ds_engine is not None:  # step counters, loss scaler, LR scheduler (the masters are optimizer params)
+            extras.extend(deepspeed_zero.engine_state(h._ds_engine))
+            stateful.extend(s for s in deepspeed_zero.engine_stateful(h._ds_engine) if all(s is not x for x in stateful))
         return Snapshot.take(modules=[h.model], optimizers=[_inner(o) for o in h.optimizers],
-                             stateful=[*h._schedulers, *h._scalers, *h._stateful], generators=h._generators,
+                             stateful=stateful, generators=h._generators,
                              extras=extras, storage=h.snapshot_storage, directory=h.engine.dirpath)
 
     def base_lrs(self) -> list[float]:
@@ -61,6 +67,7 @@ class _HookRunner:
                                     rank=h.rank, world_size=h.world_size)
         base, at_fork = self.base_lrs(), self.current_lrs()
         h._fork_lrs = lambda k: h.engine.fork_lrs(step, k, cooldown_steps, base, at_fork)
+        h._fork_groups = h._groups
         h._fork_k = 0
         h._fork_step, h._fork_bad_grad = step, None
         self._micro = 0
@@ -88,6 +95,13 @@ class _HookRunner:
         h = self.h
         acc = h.accelerator
         ga = h.gradient_accumulation_steps
+        ds = h._ds_engine
+        if ds is not None and acc is None:  # DeepSpeed owns accumulation, clipping, loss scaling and zero_grad
+            loss = h.loss_fn(h.model, _to_device(batch, ds.device))
+            ds.backward(loss)
+            if getattr(ds, "managed_gradient_accumulation", lambda: True)() or self._micro % ga == 0:
+                ds.step()
+            return float(loss.detach())
         if acc is not None:
             batch = _to_device(batch, acc.device)
             with acc.accumulate(h.model):
@@ -136,7 +150,11 @@ class _HookRunner:
         if h.save_fn is not None:
             h.save_fn(h.model, path)
             return
-        if h.accelerator is not None:
+        if h._ds_engine is not None:
+            state = deepspeed_zero.full_state_dict(h._ds_engine)  # a collective with fp16/bf16: all ranks
+            if h.rank == 0:
+                torch.save(state, path)
+        elif h.accelerator is not None:
             state = h.accelerator.get_state_dict(h.model)
             if h.accelerator.is_main_process:
                 torch.save(state, path)
@@ -146,6 +164,7 @@ class _HookRunner:
     def end(self) -> None:
         h = self.h
         h._fork_lrs = None
+        h._fork_groups = []
         self._it = None
 
     def nonfinite_grad_step(self) -> int | None:

@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cooldown_callbacks import deepspeed_zero
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan
 from cooldown_callbacks.records import ForkRecord
@@ -23,8 +24,10 @@ class CooldownHook:
     """Runs the main branch from ``schedule`` and forks cooldowns per ``plan`` in a hand-written loop.
 
     Args:
-        model: the (prepared) model.
-        optimizer: the (prepared) optimizer, or a list of them.
+        model: the (prepared) model, or a ``deepspeed.DeepSpeedEngine`` (ZeRO stage 0, 1 or 2; the fork's
+            steps then go through ``engine.backward`` / ``engine.step``, which own accumulation,
+            clipping and loss scaling; see :mod:`cooldown_callbacks.deepspeed_zero`).
+        optimizer: the (prepared) optimizer, or a list of them (``None`` with a DeepSpeed engine: its own).
         schedule: main-branch schedule (``WSD``, ``RSqrt``, ...); ``None`` keeps the user's scheduler
             and forks decay from the current LR.
         plan: when and how to fork (``ForkPlan``; ``on_eval`` plans need ``hook.step(evaluating=True)``).
@@ -39,8 +42,10 @@ class CooldownHook:
         accelerator: an ``accelerate.Accelerator``, or ``None`` for a plain PyTorch loop.
         schedulers, scalers, generators, stateful: extra objects whose state the fork must not
             change (the accelerator's own scaler is added automatically).
-        gradient_accumulation_steps: micro-batches per optimizer step (default: the accelerator's).
-        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping).
+        gradient_accumulation_steps: micro-batches per optimizer step (default: the accelerator's, or
+            the DeepSpeed engine's).
+        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping; with
+            DeepSpeed, clipping is its ``gradient_clipping`` config).
         dirpath: where cooled checkpoints and ``forks.jsonl`` go.
         save_fn: ``save_fn(model, path)`` writing the cooled model (default: the unwrapped
             ``state_dict`` with ``torch.save``, ``.pt``).
@@ -73,6 +78,19 @@ class CooldownHook:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"Invalid model ({type(model).__name__}): must be a torch.nn.Module.")
+        ds_engine = model if deepspeed_zero.is_engine(model) else None
+        if ds_engine is not None:
+            deepspeed_zero.check_engine(ds_engine, "CooldownHook")
+            if optimizer is None:
+                optimizer = ds_engine.optimizer
+            ds_ga = int(ds_engine.gradient_accumulation_steps())
+            if gradient_accumulation_steps not in (None, ds_ga):
+                raise ValueError(f"Invalid gradient_accumulation_steps ({gradient_accumulation_steps!r}): the DeepSpeed "
+                                 f"engine accumulates {ds_ga} micro-batches per step; leave it None.")
+            gradient_accumulation_steps = ds_ga
+            if max_grad_norm is not None:
+                raise ValueError(f"Invalid max_grad_norm ({max_grad_norm!r}) with a DeepSpeed engine: DeepSpeed clips "
+                                 "in engine.step(); set its 'gradient_clipping' config and leave max_grad_norm None.")
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         if not optimizers or not all(isinstance(_inner(o), torch.optim.Optimizer) for o in optimizers):
             raise ValueError("Invalid optimizer: pass the torch (or accelerate-prepared) optimizer, or a list of them.")
@@ -101,6 +119,7 @@ class CooldownHook:
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
         self.model = model
         self.optimizers = optimizers
+        self._ds_engine = ds_engine
         self.accelerator = accelerator
         self.loss_fn, self.step_fn, self.eval_fn, self.save_fn = loss_fn, step_fn, eval_fn, save_fn
         self.train_loader = train_loader
@@ -120,6 +139,7 @@ class CooldownHook:
         self._stateful = list(stateful)
         self.step_count = 0
         self._fork_lrs: Callable[[int], list[float]] | None = None
+        self._fork_groups: list[dict] = []  # param groups at the fork's start (DeepSpeed steps one group at a time)
         self._fork_k = 0
         self._fork_step = 0
         self._fork_bad_grad: int | None = None  # first fork step with a non-finite gradient
@@ -143,7 +163,7 @@ class CooldownHook:
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._fork_lrs is not None:
             lrs = self._fork_lrs(self._fork_k)
-            for g, lr in zip(self._groups, lrs):
+            for g, lr in zip(self._fork_groups, lrs):
                 g["lr"] = lr
             if self._fork_bad_grad is None and not _grads_finite(optimizer):
                 self._fork_bad_grad = self._fork_step + self._fork_k
