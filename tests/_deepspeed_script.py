@@ -2,7 +2,8 @@
 
 argv: OUT_DIR [VARIANT ...] (default: all of ``VARIANTS`` and ``refusals``); a VARIANT is ``<stage>`` or
 ``<stage>-bf16`` / ``<stage>-fp16`` (DeepSpeed refuses fp16 on a CPU without fp16 kernels: the script
-lifts that check, the ZeRO code is unchanged). For each variant, one process runs, each from the same
+lifts that check, the ZeRO code is unchanged) or ``<stage>-sched`` (the user's StepLR given to
+DeepSpeed, the hook with ``schedule=None``; no ``fixed`` run). For each variant, one process runs, each from the same
 seeds, into ``OUT_DIR/<variant>/<mode>/``:
 
 - ``none``: the main branch without the library (the WSD schedule as a ``LambdaLR`` the loop steps);
@@ -10,7 +11,7 @@ seeds, into ``OUT_DIR/<variant>/<mode>/``:
 - ``fixed``: a fixed-budget run of 4 + 3 steps with the cooled schedule (no library code in the loop).
 
 Each writes ``rank-<r>.pt``: the module's state, the torch optimizer's params (this rank's fp32 master
-partitions under ZeRO-1/2) and state, its LRs and the engine's counters; ``fixed`` also ``full.pt``
+partitions under ZeRO-1/2) and state, its LRs, the engine's counters and last grad norm; ``fixed`` also ``full.pt``
 (rank 0): the full model with fp32 masters gathered by DeepSpeed's own ``safe_get_full_fp32_param``
 (ZeRO-1/2; under stage 0 the module's own parameters).
 The loop: ``engine(x)``, ``engine.backward``, ``engine.step`` per micro-batch; DeepSpeed accumulates 2
@@ -49,6 +50,7 @@ def ds_config(variant: str) -> dict:
 
 
 def make_engine(variant: str, config: dict | None = None):
+    """``-sched`` variants give DeepSpeed the user's own scheduler (a chainable StepLR that the engine steps)."""
     import deepspeed
 
     model, opt = make_model_opt()
@@ -56,7 +58,9 @@ def make_engine(variant: str, config: dict | None = None):
         model[1] = torch.nn.Identity()
         opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-2},
                                  {"params": model[4].parameters(), "lr": 3e-3}], weight_decay=0.01)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config or ds_config(variant))
+    sched = (lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5)) if "-sched" in variant else None
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config or ds_config(variant),
+                                           lr_scheduler=sched)
     return engine, opt
 
 
@@ -113,6 +117,9 @@ def rank_state(engine) -> dict:
     out["lrs"] = torch.tensor([g["lr"] for g in inner.param_groups], dtype=torch.float64)
     out["counters"] = torch.tensor([engine.global_steps, engine.global_samples, engine.micro_steps,
                                     engine.skipped_steps])
+    # the last step's grad norm, as users log it (the engine's and the ZeRO optimizer's copy)
+    out["grad_norm"] = torch.tensor([float(engine.get_global_grad_norm()),
+                                     float(getattr(engine.optimizer, "_global_grad_norm", None) or 0.0)])
     return out
 
 
@@ -132,7 +139,15 @@ def run(out: str, variant: str, mode: str) -> None:
     rank = torch.distributed.get_rank()
     torch.manual_seed(100 + rank)  # dropout differs per rank
     loader = make_loader()
-    if mode in ("none", "fixed"):
+    if "-sched" in variant and mode == "none":
+        train(engine, loader, STEPS, lambda: None)  # the engine steps its scheduler
+    elif "-sched" in variant:  # schedule=None: the main branch keeps the engine's scheduler, forks decay from its LR
+        hook = CooldownHook(engine, None, schedule=None, plan=ForkPlan(every=EVERY, cooldown=COOL, data="peek"),
+                            loss_fn=loss_fn, eval_fn=eval_fn, train_loader=loader, dirpath=os.path.join(out, "cooled"),
+                            verbose=False)
+        train(engine, loader, STEPS, hook.step)
+        hook.close()
+    elif mode in ("none", "fixed"):
         # stepped by the loop, not given to deepspeed.initialize: with a client scheduler, DeepSpeed (0.19,
         # stage 0 + bf16) builds its fp32 masters from the bf16-cast weights, without one from the fp32 ones
         sched = (SCHED if mode == "none" else SCHED.cooled(at=EVERY, cooldown=COOL)).lambda_lr(opt)
@@ -178,7 +193,7 @@ def refusals(out: str) -> None:
     torch.distributed.barrier()
 
 
-VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16")
+VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-sched")
 
 
 def main() -> None:
@@ -194,7 +209,7 @@ def main() -> None:
         if variant == "refusals":
             refusals(out)
             continue
-        for mode in ("none", "forks", "fixed"):
+        for mode in ("none", "forks") if "-sched" in variant else ("none", "forks", "fixed"):
             run(os.path.join(out, variant, mode), variant, mode)
 
 
