@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.data import cooldown_batches
 from cooldown_callbacks.snapshot import Snapshot
 
@@ -103,9 +103,9 @@ class _HookRunner:
             return float(loss.detach())
         last = self._micro % ga == 0
         model = h.model
-        ctx = model.no_sync() if (not last and isinstance(model, torch.nn.parallel.DistributedDataParallel)) \
-            else contextlib.nullcontext()
-        with ctx:
+        # non-final micro-batches without gradient communication, as users accumulate: DDP/FSDP1 no_sync(),
+        # FSDP2 set_requires_gradient_sync(False)
+        with sharding.no_gradient_sync(model, enabled=not last):
             loss = h.loss_fn(model, _to_device(batch, next(model.parameters()).device))
             (loss / ga if ga > 1 else loss).backward()
         if last:
@@ -136,6 +136,12 @@ class _HookRunner:
         if h.save_fn is not None:
             h.save_fn(h.model, path)
             return
+        if h.save_format == "dcp":  # a sharded folder, written by every rank
+            sharding.save_dcp(h.model, path)
+            return
+        if sharding.is_sharded(h.model):  # gathered on every rank, written by rank 0
+            sharding.save_full(h.model, path)
+            return
         if h.accelerator is not None:
             state = h.accelerator.get_state_dict(h.model)
             if h.accelerator.is_main_process:
@@ -152,27 +158,20 @@ class _HookRunner:
         return self.h._fork_bad_grad
 
     def any_rank(self, flag: bool) -> bool:
-        h = self.h
-        if h.world_size == 1:
-            return flag
-        dev = h.accelerator.device if h.accelerator is not None else next(h.model.parameters()).device
-        t = torch.tensor([1.0 if flag else 0.0], device=dev)
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
+        return sharding.any_rank(flag, device=self._device()) if self.h.world_size > 1 else flag
 
     def barrier(self) -> None:
+        if self.h.world_size > 1:
+            sharding.barrier(device=self._device())
+
+    def _device(self) -> torch.device:
         h = self.h
-        if h.world_size > 1:
-            if h.accelerator is not None:
-                h.accelerator.wait_for_everyone()
-            else:
-                torch.distributed.barrier()
+        if h.accelerator is not None:
+            return h.accelerator.device
+        return sharding.local(next(h.model.parameters())).device
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer is about to apply is finite (one max-norm, one sync)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+_grads_finite = sharding.grads_finite  # this rank's (local) gradients; the engine combines the ranks
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
