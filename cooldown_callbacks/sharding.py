@@ -280,9 +280,13 @@ def save_dcp(model: torch.nn.Module, path: str | os.PathLike) -> None:
     ``torch.save`` file of the plain state dict; or :func:`load_dcp` into a sharded model.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    dcp.save(get_model_state_dict(model), checkpoint_id=str(path))
+    # Tensors every rank holds whole (buffers, replicated parameters) are written from rank 0, as in
+    # save_full: per-rank buffers such as BatchNorm statistics are not synchronised by FSDP.
+    dcp.save(get_model_state_dict(model), checkpoint_id=str(path),
+             planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
 
 
 def load_dcp(model: torch.nn.Module, path: str | os.PathLike) -> None:
