@@ -10,6 +10,8 @@ other, and writes ``OUT/<run>/rank-<r>.pt`` (this rank's shards of the final mai
   (3 cooldown steps each, peeked data), right after the user's evaluation (``evaluating=True``), with
   ``snapshot_storage`` / ``save_format`` as named; cooled models in ``OUT/<run>/cooled``; rank 0 also
   writes ``snapshot.json`` (per-rank snapshot bytes of the first fork);
+- ``cpu-fn``: as ``cpu-full`` with a ``save_fn`` that writes each rank's shards to its own file in a
+  folder and never calls ``state_dict()`` (which would reshard FSDP2 modules as a side effect);
 - ``budget``: a fresh run of 4 + 3 steps with ``WSD.cooled(at=4, ...)``; rank 0 writes its full
   state (``sharding.full_state_dict``) to ``OUT/budget/full.pt``.
 """
@@ -32,7 +34,14 @@ from cooldown_callbacks import sharding  # noqa: E402
 SCHED = WSD(warmup_steps=2)
 CD = Cooldown(steps=3, shape="1-sqrt")
 STEPS = 14
-RUNS = ("ref", "cpu-full", "disk-dcp", "device-full", "budget")
+RUNS = ("ref", "cpu-full", "disk-dcp", "device-full", "cpu-fn", "budget")
+
+
+def save_shards(model, path) -> None:
+    """A user's save_fn: every rank writes its local shards into the folder ``path``."""
+    os.makedirs(path, exist_ok=True)
+    shards = {n: sharding.local(p).detach().clone() for n, p in model.named_parameters()}
+    torch.save(shards, os.path.join(path, f"shards-{dist.get_rank()}.pt"))
 
 
 def run(out: str, name: str, rank: int) -> None:
@@ -54,10 +63,11 @@ def run(out: str, name: str, rank: int) -> None:
         F2.train(model, opt, loader, STEPS, after_step=lambda t, e: sched.step(), evaluate_at=lambda t: t % 4 == 0)
     else:
         storage, fmt = name.split("-")
+        kw = dict(save_format=fmt) if fmt != "fn" else dict(save_fn=save_shards)
         hook = CooldownHook(model, opt, schedule=SCHED, plan=ForkPlan(every=4, cooldown=CD, data="peek"),
                             loss_fn=F2.loss_fn, eval_fn=F2.eval_fn, train_loader=loader, gradient_accumulation_steps=2,
                             max_grad_norm=0.5, dirpath=os.path.join(d, "cooled"), snapshot_storage=storage,
-                            save_format=fmt, verbose=False)
+                            verbose=False, **kw)
         sizes = []
         orig = hook._Runner.snapshot
 

@@ -1,10 +1,10 @@
 """CooldownHook with FSDP2 (``fully_shard``) on two CPU processes (torchrun, gloo).
 
 One torchrun (``_sharded_hook_script.py``) trains, in one process group: a run without the library,
-three runs with forks at steps 4, 8 and 12 (right after the user evaluated the main branch, so FSDP2's
+four runs with forks at steps 4, 8 and 12 (right after the user evaluated the main branch, so FSDP2's
 root is unsharded at each fork; gradient accumulation 2 without gradient sync on the first
-micro-batch; dropout; two param groups; clipping) with CPU, disk and device snapshots and full or
-DCP saves, and a fixed-budget run of 4 + 3 steps. The tests compare what each run wrote.
+micro-batch; dropout; two param groups; clipping) with CPU, disk and device snapshots and full, DCP
+or the user's own saves, and a fixed-budget run of 4 + 3 steps. The tests compare what each run wrote.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cooldown_callbacks.records import read_records
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
-FORK_RUNS = ("cpu-full", "disk-dcp", "device-full")
+FORK_RUNS = ("cpu-full", "disk-dcp", "device-full", "cpu-fn")
 STEPS = (4, 8, 12)
 
 
@@ -63,7 +63,7 @@ def test_forks_are_recorded_with_their_checkpoints_and_nothing_else(runs, run):
     cooled = runs / run / "cooled"
     recs = read_records(cooled)
     assert [(r["step"], r["status"]) for r in recs] == [(s, "ok") for s in STEPS]
-    suffix = ".pt" if run.endswith("full") else ""
+    suffix = ".pt" if run.endswith("full") else ""  # a DCP folder, or the folder the user's save_fn wrote
     names = [f"cooled-step={s:08d}-cd=3{suffix}" for s in STEPS]
     assert [Path(r["checkpoint"]).name for r in recs] == names
     assert sorted(p.name for p in cooled.iterdir()) == sorted(names + ["forks.jsonl"])  # no temporaries
