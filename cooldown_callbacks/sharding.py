@@ -45,8 +45,9 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import torch
 
 __all__ = ["SAVE_FORMATS", "SHARDINGS", "is_dtensor", "local", "like", "fsdp2_modules", "fsdp1_modules",
-           "sharding_of", "is_sharded", "reshard", "grads_finite", "sync_extras", "no_gradient_sync", "full_state_dict",
-           "save_full", "save_dcp", "load_dcp", "rank_and_world", "any_rank", "barrier"]
+           "sharding_of", "is_sharded", "reshard", "grads_finite", "sync_extras", "no_gradient_sync",
+           "clip_grad_norm", "full_state_dict", "save_full", "save_dcp", "load_dcp", "rank_and_world", "any_rank",
+           "barrier"]
 
 SAVE_FORMATS = ("full", "dcp")
 """``"full"``: one unsharded state dict written by rank 0; ``"dcp"``: a sharded DCP folder."""
@@ -230,6 +231,16 @@ def no_gradient_sync(model: torch.nn.Module, enabled: bool = True) -> Iterator[N
     finally:
         for r in roots:
             r.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """*Collective for sharded models.* Clip the total gradient norm as the user's loop does: FSDP1's
+    own ``model.clip_grad_norm_`` (its gradients are flat local shards), else
+    ``torch.nn.utils.clip_grad_norm_`` (DDP, and FSDP2's DTensor gradients)."""
+    fsdp1 = _fsdp1_cls()
+    if fsdp1 is not None and isinstance(model, fsdp1):
+        return model.clip_grad_norm_(max_norm)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def _fsdp2_roots(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -110,7 +110,7 @@ class _HookRunner:
             (loss / ga if ga > 1 else loss).backward()
         if last:
             if h.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), h.max_grad_norm)
+                sharding.clip_grad_norm(model, h.max_grad_norm)  # FSDP1: its own clip_grad_norm_
             for o in h.optimizers:
                 o.step()
             for o in h.optimizers:

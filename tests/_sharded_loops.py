@@ -1,15 +1,20 @@
-"""An FSDP2 (``fully_shard``) training setup for the sharded tests, run under ``torchrun`` (gloo, CPU).
+"""FSDP2 (``fully_shard``) and FSDP1 training setups for the sharded tests, run under ``torchrun`` (gloo, CPU).
 
 The model has dropout (RNG), BatchNorm (buffers, per rank) and two Linear layers, each its own
-FSDP2 group, inside an FSDP2 root; AdamW with two param groups at different LRs; clipping; gradient
-accumulation with ``set_requires_gradient_sync(False)`` on non-final micro-batches (what FSDP2 users
-do). The second Linear's weight has one row, so rank 1's shard of it is empty.
+FSDP unit, inside an FSDP root; AdamW with two param groups at different LRs; clipping; gradient
+accumulation without gradient communication on non-final micro-batches (what FSDP users do: FSDP2
+``set_requires_gradient_sync(False)``, FSDP1 ``no_sync()``). FSDP2: the second Linear's weight has
+one row, so rank 1's shard of it is empty. FSDP1: ``FullyShardedDataParallel(device_id=cpu,
+use_orig_params=True)`` (two param groups need the original parameters), clipping with its own
+``clip_grad_norm_``.
 
 Data: the synthetic regression set of ``_loops``, through torchdata's ``StatefulDataLoader`` with a
 ``DistributedSampler`` (so ``ForkPlan(data="peek")`` sees the main branch's next batches).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -22,17 +27,31 @@ from _loops import XV, YV, X, Y
 from cooldown_callbacks.sharding import local
 
 
-def make_model_opt(seed: int = 0):
-    from torch.distributed.fsdp import fully_shard
-
+def plain_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
-    fully_shard(model[0])
-    fully_shard(model[4])
-    fully_shard(model)
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+
+
+def make_model_opt(kind: str = "fsdp2", seed: int = 0):
+    """``(model, optimizer)``: the model sharded with ``kind`` ("fsdp2" or "fsdp1")."""
+    model = plain_model(seed)
+    if kind == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model[0])
+        fully_shard(model[4])
+        fully_shard(model)
+        inner = model
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        model = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+                                         device_id=torch.device("cpu"), use_orig_params=True)
+        inner = model.module
     opt = torch.optim.AdamW([
-        {"params": model[0].parameters(), "lr": 1e-2},
-        {"params": list(model[1].parameters()) + list(model[4].parameters()), "lr": 3e-3},
+        {"params": inner[0].parameters(), "lr": 1e-2},
+        {"params": list(inner[1].parameters()) + list(inner[4].parameters()), "lr": 3e-3},
     ], weight_decay=0.01)
     return model, opt
 
@@ -73,16 +92,24 @@ def train(model, opt, loader, steps: int, ga: int = 2, clip: float | None = 0.5,
           evaluate_at=lambda t: False, start: int = 0):
     """The user's FSDP2 loop. ``after_step(t, evaluating)`` after each optimizer step; at steps where
     ``evaluate_at(t)``, the main branch is evaluated first (as users do right before ``hook.step``)."""
+    fsdp1 = hasattr(model, "no_sync")
     t, micro = start, 0
     while t < steps:
         for batch in loader:
             last = (micro + 1) % ga == 0
-            model.set_requires_gradient_sync(last)
-            loss = loss_fn(model, batch)
-            (loss / ga if ga > 1 else loss).backward()
+            if fsdp1:
+                ctx = model.no_sync() if not last else contextlib.nullcontext()
+            else:
+                model.set_requires_gradient_sync(last)
+                ctx = contextlib.nullcontext()
+            with ctx:
+                loss = loss_fn(model, batch)
+                (loss / ga if ga > 1 else loss).backward()
             micro += 1
             if last:
-                if clip is not None:
+                if clip is not None and fsdp1:
+                    model.clip_grad_norm_(clip)
+                elif clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 opt.step()
                 opt.zero_grad()
