@@ -9,7 +9,7 @@ FRAMEWORKS = ["lightning", "pytorch_lightning", "transformers", "accelerate", "d
 def test_core_imports_no_framework():
     code = (
         "import sys, cooldown_callbacks, cooldown_callbacks.engine, cooldown_callbacks.snapshot, "
-        "cooldown_callbacks.data, cooldown_callbacks.records, cooldown_callbacks.plan, cooldown_callbacks.deepspeed_zero\n"
+        "cooldown_callbacks.data, cooldown_callbacks.records, cooldown_callbacks.plan, cooldown_callbacks.sharding\n"
         "import importlib.util\n"
         "for extra in ('theory', 'cli'):\n"
         "    if importlib.util.find_spec('cooldown_callbacks.' + extra):\n"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
-from cooldown_callbacks import deepspeed_zero
+from cooldown_callbacks import sharding
 from cooldown_callbacks.data import cooldown_batches
 from cooldown_callbacks.snapshot import Snapshot
 
@@ -16,12 +15,7 @@ if TYPE_CHECKING:
     from .hook import CooldownHook
 
 
-def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind an accelerate ``AcceleratedOptimizer`` and/or a DeepSpeed (ZeRO)
-    optimizer (or the optimizer itself)."""
-    while hasattr(getattr(opt, "optimizer", None), "param_groups"):  # AcceleratedOptimizer, DeepSpeedZeroOptimizer
-        opt = opt.optimizer
-    return opt
+_inner = sharding.torch_optimizer  # behind AcceleratedOptimizer and/or DeepSpeed's ZeRO optimizer
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -46,12 +40,10 @@ class _HookRunner:
             gs = acc.gradient_state
             extras.append((lambda: dict(gs.__dict__), lambda d: (gs.__dict__.clear(), gs.__dict__.update(d))))
             extras.append((lambda: acc.step, lambda v: setattr(acc, "step", v)))
-        stateful = [*h._schedulers, *h._scalers, *h._stateful]
-        if h._ds_engine is not None:  # step counters, loss scaler, LR scheduler (the masters are optimizer params)
-            extras.extend(deepspeed_zero.engine_state(h._ds_engine))
-            stateful.extend(s for s in deepspeed_zero.engine_stateful(h._ds_engine) if all(s is not x for x in stateful))
+        # a DeepSpeed engine as the model: Snapshot adds its counters, loss scaler and LR scheduler, and the
+        # inner torch optimizer's params are its fp32 master partitions
         return Snapshot.take(modules=[h.model], optimizers=[_inner(o) for o in h.optimizers],
-                             stateful=stateful, generators=h._generators,
+                             stateful=[*h._schedulers, *h._scalers, *h._stateful], generators=h._generators,
                              extras=extras, storage=h.snapshot_storage, directory=h.engine.dirpath)
 
     def base_lrs(self) -> list[float]:
@@ -117,14 +109,14 @@ class _HookRunner:
             return float(loss.detach())
         last = self._micro % ga == 0
         model = h.model
-        ctx = model.no_sync() if (not last and isinstance(model, torch.nn.parallel.DistributedDataParallel)) \
-            else contextlib.nullcontext()
-        with ctx:
+        # non-final micro-batches without gradient communication, as users accumulate: DDP/FSDP1 no_sync(),
+        # FSDP2 set_requires_gradient_sync(False)
+        with sharding.no_gradient_sync(model, enabled=not last):
             loss = h.loss_fn(model, _to_device(batch, next(model.parameters()).device))
             (loss / ga if ga > 1 else loss).backward()
         if last:
             if h.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), h.max_grad_norm)
+                sharding.clip_grad_norm(model, h.max_grad_norm)  # FSDP1: its own clip_grad_norm_
             for o in h.optimizers:
                 o.step()
             for o in h.optimizers:
@@ -150,11 +142,13 @@ class _HookRunner:
         if h.save_fn is not None:
             h.save_fn(h.model, path)
             return
-        if h._ds_engine is not None:
-            state = deepspeed_zero.full_state_dict(h._ds_engine)  # a collective with fp16/bf16: all ranks
-            if h.rank == 0:
-                torch.save(state, path)
-        elif h.accelerator is not None:
+        if h.save_format == "dcp":  # a sharded folder, written by every rank
+            sharding.save_dcp(h.model, path)
+            return
+        if sharding.is_sharded(h.model):  # gathered on every rank (FSDP, DeepSpeed fp32 masters), written by rank 0
+            sharding.save_full(h.model, path)
+            return
+        if h.accelerator is not None:
             state = h.accelerator.get_state_dict(h.model)
             if h.accelerator.is_main_process:
                 torch.save(state, path)
@@ -171,27 +165,20 @@ class _HookRunner:
         return self.h._fork_bad_grad
 
     def any_rank(self, flag: bool) -> bool:
-        h = self.h
-        if h.world_size == 1:
-            return flag
-        dev = h.accelerator.device if h.accelerator is not None else next(h.model.parameters()).device
-        t = torch.tensor([1.0 if flag else 0.0], device=dev)
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
+        return sharding.any_rank(flag, device=self._device()) if self.h.world_size > 1 else flag
 
     def barrier(self) -> None:
+        if self.h.world_size > 1:
+            sharding.barrier(device=self._device())
+
+    def _device(self) -> torch.device:
         h = self.h
-        if h.world_size > 1:
-            if h.accelerator is not None:
-                h.accelerator.wait_for_everyone()
-            else:
-                torch.distributed.barrier()
+        if h.accelerator is not None:
+            return h.accelerator.device
+        return sharding.local(next(h.model.parameters())).device
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer is about to apply is finite (one max-norm, one sync)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+_grads_finite = sharding.grads_finite  # this rank's (local) gradients; the engine combines the ranks
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
-from cooldown_callbacks import deepspeed_zero
+from cooldown_callbacks import sharding
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule
+from cooldown_callbacks.sharding import SAVE_FORMATS
 from cooldown_callbacks.snapshot import STORAGES
 
 from ._runner import _HookRunner, _grads_finite, _inner
@@ -26,7 +27,7 @@ class CooldownHook:
     Args:
         model: the (prepared) model, or a ``deepspeed.DeepSpeedEngine`` (ZeRO stage 0, 1 or 2; the fork's
             steps then go through ``engine.backward`` / ``engine.step``, which own accumulation,
-            clipping and loss scaling; see :mod:`cooldown_callbacks.deepspeed_zero`).
+            clipping and loss scaling; see :mod:`cooldown_callbacks.sharding`).
         optimizer: the (prepared) optimizer, or a list of them (``None`` with a DeepSpeed engine: its own).
         schedule: main-branch schedule (``WSD``, ``RSqrt``, ...); ``None`` keeps the user's scheduler
             and forks decay from the current LR.
@@ -47,9 +48,15 @@ class CooldownHook:
         max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping; with
             DeepSpeed, clipping is its ``gradient_clipping`` config).
         dirpath: where cooled checkpoints and ``forks.jsonl`` go.
-        save_fn: ``save_fn(model, path)`` writing the cooled model (default: the unwrapped
-            ``state_dict`` with ``torch.save``, ``.pt``).
-        snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``.
+        save_fn: ``save_fn(model, path)`` writing the cooled model, called on every rank (default: the
+            unwrapped ``state_dict`` with ``torch.save``, ``.pt``; for a sharded model the full state
+            gathered on every rank and written by rank 0, see ``save_format``).
+        save_format: ``"full"`` (default: one ``.pt`` file that loads with
+            ``model.load_state_dict(torch.load(path))``) or ``"dcp"`` (a folder of
+            ``torch.distributed.checkpoint`` shards written by every rank, for models too large to
+            gather; convert with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
+        snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``. Sharded (FSDP2) state is
+            copied per rank, local shards only.
     """
 
     def __init__(
@@ -73,14 +80,15 @@ class CooldownHook:
         dirpath: str | os.PathLike = "cooled",
         filename: str = "cooled-step={step:08d}-cd={cooldown}",
         save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
+        save_format: Literal["full", "dcp"] = "full",
         snapshot_storage: str = "cpu",
         verbose: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"Invalid model ({type(model).__name__}): must be a torch.nn.Module.")
-        ds_engine = model if deepspeed_zero.is_engine(model) else None
+        ds_engine = model if sharding.is_zero(model) else None
         if ds_engine is not None:
-            deepspeed_zero.check_engine(ds_engine, "CooldownHook")
+            sharding.check_zero(ds_engine, "CooldownHook")
             if optimizer is None:
                 optimizer = ds_engine.optimizer
             ds_ga = int(ds_engine.gradient_accumulation_steps())
@@ -117,6 +125,13 @@ class CooldownHook:
             raise ValueError("max_grad_norm applies to the loss_fn path; with step_fn, clip inside your step_fn.")
         if snapshot_storage not in STORAGES:
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
+        if save_format not in SAVE_FORMATS:
+            raise ValueError(f"Invalid save_format ({save_format!r}): choose one of {SAVE_FORMATS}.")
+        if save_fn is not None and save_format != "full":
+            raise ValueError("save_format applies to the default save; with save_fn, write the format you want there.")
+        if ds_engine is not None and save_format != "full":
+            raise ValueError(f"Invalid save_format ({save_format!r}) with a DeepSpeed engine: ZeRO-1/2 hold the full "
+                             "module on every rank; use save_format='full'.")
         self.model = model
         self.optimizers = optimizers
         self._ds_engine = ds_engine
@@ -126,6 +141,7 @@ class CooldownHook:
         self.gradient_accumulation_steps = ga
         self.max_grad_norm = max_grad_norm
         self.snapshot_storage = snapshot_storage
+        self.save_format = save_format
         self.verbose = verbose
         self.rank, self.world_size = self._dist_info()
         self.engine = ForkEngine(plan, schedule, check_writable_dir(dirpath) if self.rank == 0 else Path(dirpath),
@@ -180,7 +196,7 @@ class CooldownHook:
         self.step_count += 1
         t = self.step_count
         rec = None
-        suffix = ".pt" if self.save_fn is None else ""
+        suffix = self._suffix()
         if self.engine.should_fork(t, evaluating=evaluating):
             rec = self.engine.fork(t, _HookRunner(self), suffix=suffix, main_metrics=metrics)
             self._report(rec)
@@ -200,7 +216,7 @@ class CooldownHook:
         plan = self.engine.plan
         if not plan.at_end or t <= 0 or t in self.engine.completed:
             return None
-        rec = self.engine.fork(t, _HookRunner(self), suffix=".pt" if self.save_fn is None else "", main_metrics=metrics)
+        rec = self.engine.fork(t, _HookRunner(self), suffix=self._suffix(), main_metrics=metrics)
         self._report(rec)
         return rec
 
@@ -228,6 +244,10 @@ class CooldownHook:
         self._apply_main_lr()
 
     # -- internals ---------------------------------------------------------------------------
+    def _suffix(self) -> str:
+        """``.pt`` for the default full save; a DCP folder or the user's ``save_fn`` get the bare name."""
+        return ".pt" if self.save_fn is None and self.save_format == "full" else ""
+
     def _dist_info(self) -> tuple[int, int]:
         if self.accelerator is not None:
             return self.accelerator.process_index, self.accelerator.num_processes

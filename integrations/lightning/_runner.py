@@ -12,6 +12,7 @@ import torch
 
 import lightning.pytorch as pl
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.data import cooldown_batches, is_stateful_loader
 from cooldown_callbacks.engine import ForkError
 from cooldown_callbacks.snapshot import Snapshot, capture_rng, restore_rng
@@ -211,10 +212,7 @@ def _float(x: Any) -> float | None:
 
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer is about to apply is finite (one max-norm, one sync)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+_grads_finite = sharding.grads_finite  # this rank's (local) gradients; the engine combines the ranks
 
 
 def _worse(a: float | None, b: float | None) -> float | None:
