@@ -2,8 +2,9 @@
 
 argv: OUT_DIR [VARIANT ...] (default: all of ``VARIANTS`` and ``refusals``); a VARIANT is ``<stage>`` or
 ``<stage>-bf16`` / ``<stage>-fp16`` (DeepSpeed refuses fp16 on a CPU without fp16 kernels: the script
-lifts that check, the ZeRO code is unchanged) or ``<stage>-sched`` (the user's StepLR given to
-DeepSpeed, the hook with ``schedule=None``; no ``fixed`` run). For each variant, one process runs, each from the same
+lifts that check, the ZeRO code is unchanged), ``<stage>-sched`` (the user's StepLR given to
+DeepSpeed, the hook with ``schedule=None``; no ``fixed`` run) or ``accel-<stage>`` (Accelerate's
+DeepSpeed plugin and its loop idiom; no ``fixed`` run). For each variant, one process runs, each from the same
 seeds, into ``OUT_DIR/<variant>/<mode>/``:
 
 - ``none``: the main branch without the library (the WSD schedule as a ``LambdaLR`` the loop steps);
@@ -166,6 +167,48 @@ def run(out: str, variant: str, mode: str) -> None:
     torch.distributed.barrier()
 
 
+def run_accelerate(out: str, variant: str, mode: str) -> None:
+    """The Accelerate idiom with its DeepSpeed plugin: ``accelerator.backward`` runs ``engine.backward`` and,
+    at the accumulation boundary Accelerate decides, ``engine.step``; ``optimizer.step()`` is a no-op."""
+    from accelerate import Accelerator, DeepSpeedPlugin, PartialState
+    from accelerate.state import AcceleratorState, GradientState
+
+    os.makedirs(out, exist_ok=True)
+    # as the HF Trainer sets it up on CPU: a gloo process state, then DeepSpeed (cpu=True would drop DeepSpeed,
+    # no state would leave Accelerate at one process while DeepSpeed runs two)
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(cpu=True)
+    stage = variant.split("-")[1]
+    acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config(stage)), gradient_accumulation_steps=2)
+    assert acc.distributed_type == "DEEPSPEED" and acc.num_processes == 2
+    model, opt = make_model_opt()
+    sched = SCHED.lambda_lr(opt) if mode == "none" else None  # the loop steps it
+    engine, popt, loader = acc.prepare(model, opt, make_loader())
+    rank = acc.process_index
+    torch.manual_seed(100 + rank)
+    if mode == "forks":
+        hook = CooldownHook(engine, popt, schedule=SCHED, plan=ForkPlan(every=EVERY, cooldown=COOL, data="fresh"),
+                            loss_fn=loss_fn, eval_fn=eval_fn, train_loader=loader, accelerator=acc,
+                            dirpath=os.path.join(out, "cooled"), verbose=False)
+    t = 0
+    while t < STEPS:
+        for batch in loader:
+            with acc.accumulate(engine):
+                acc.backward(loss_fn(engine, batch))
+                popt.step()
+                popt.zero_grad()
+            if acc.sync_gradients:
+                t += 1
+                sched.step() if mode == "none" else hook.step()
+                if t == STEPS:
+                    break
+    torch.save(rank_state(engine), os.path.join(out, f"rank-{rank}.pt"))
+    acc.wait_for_everyone()
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    del os.environ["ACCELERATE_USE_DEEPSPEED"]
+
+
 def refusals(out: str) -> None:
     """The error each configuration gets from CooldownHook (before any step), or ``None``."""
     found = {}
@@ -193,7 +236,7 @@ def refusals(out: str) -> None:
     torch.distributed.barrier()
 
 
-VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-sched")
+VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-sched", "accel-2")
 
 
 def main() -> None:
@@ -209,8 +252,8 @@ def main() -> None:
         if variant == "refusals":
             refusals(out)
             continue
-        for mode in ("none", "forks") if "-sched" in variant else ("none", "forks", "fixed"):
-            run(os.path.join(out, variant, mode), variant, mode)
+        for mode in ("none", "forks") if "-sched" in variant or "accel" in variant else ("none", "forks", "fixed"):
+            (run_accelerate if "accel" in variant else run)(os.path.join(out, variant, mode), variant, mode)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """DeepSpeed through the hook: two CPU ranks (gloo), ZeRO-1/2 (and stage 0), fp32/bf16/fp16, accumulation 2,
-dropout, two param groups, clipping by DeepSpeed. One torchrun runs every variant (``_deepspeed_script.py``):
+dropout, two param groups, clipping by DeepSpeed; a DeepSpeed engine in a plain loop and through Accelerate's
+DeepSpeed plugin. One torchrun runs every variant (``_deepspeed_script.py``):
 a run without forks, the same run with forks every 4 steps, and a fixed-budget run; then the
 configurations the hook must refuse.
 """
@@ -20,7 +21,8 @@ from cooldown_callbacks.records import read_records
 pytest.importorskip("deepspeed")  # in the dev extra: installed in CI
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("_deepspeed_script.py")
-VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-sched")
+VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-sched", "accel-2")
+FIXED = [v for v in VARIANTS if "-sched" not in v and "accel" not in v]  # with a fixed-budget reference run
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +44,15 @@ def test_hook_forks_keep_every_rank_exact(runs, variant):
         ref, got = torch.load(runs / variant / "none" / f"rank-{r}.pt"), torch.load(runs / variant / "forks" / f"rank-{r}.pt")
         assert any(k.startswith("master.") for k in ref) and any(k.startswith("opt.") for k in ref)
         assert_equal_states(ref, got)
-        assert ref["counters"][:3].tolist() == [12, 12 * 16, 24]  # global_steps, global_samples, micro_steps
+        # global_steps, global_samples, micro_steps (Accelerate calls engine.step only at its boundaries)
+        assert ref["counters"][:3].tolist() == [12, 12 * 16, 12 if "accel" in variant else 24]
     if variant.endswith("-fp16"):
         assert ref["counters"][3] > 0  # overflows skipped steps: the dynamic loss scale moved
     recs = read_records(runs / variant / "forks" / "cooled")
     assert [(x["step"], x["status"]) for x in recs] == [(4, "ok"), (8, "ok"), (12, "ok")]
 
 
-@pytest.mark.parametrize("variant", [v for v in VARIANTS if "-sched" not in v])
+@pytest.mark.parametrize("variant", FIXED)
 def test_cooled_model_equals_fixed_budget_run_and_loads_into_the_plain_model(runs, variant):
     """The fork at step 4 (peek data) == a fresh 4 + 3 step run on the cooled schedule: the full model,
     fp32 masters gathered by DeepSpeed itself (ZeRO-1/2); no ``module.`` prefix."""
@@ -62,6 +65,11 @@ def test_cooled_model_equals_fixed_budget_run_and_loads_into_the_plain_model(run
     if variant.endswith(("-bf16", "-fp16")):
         model[1] = torch.nn.Identity()
     model.load_state_dict(cooled)  # strict
+
+
+def test_accelerate_cooled_model_loads_into_the_plain_model(runs):
+    for step in (4, 8, 12):
+        make_model_opt()[0].load_state_dict(torch.load(runs / "accel-2" / "forks" / "cooled" / f"cooled-step={step:08d}-cd=3.pt"))
 
 
 def test_refused_configurations_name_the_option_and_the_alternative(runs):
