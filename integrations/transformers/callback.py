@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerControl
 from transformers.utils import logging
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan, plan_lost_data
 from cooldown_callbacks.records import ForkRecord
@@ -261,9 +262,8 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         return None
 
     def _setup(self, trainer: Trainer, args: Any, state: Any) -> None:
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            raise ValueError("CooldownTrainerCallback does not support DeepSpeed (its engine owns the optimizer "
-                             "step); use DDP or FSDP.")
+        if getattr(trainer, "is_deepspeed_enabled", False):  # ZeRO-0/1/2 exact; ZeRO-3 and offload refused
+            sharding.check_zero(trainer.model_wrapped, "CooldownTrainerCallback")
         if trainer.eval_dataset is None:
             raise ValueError("CooldownTrainerCallback needs eval_dataset=... on the Trainer: every cooled model is "
                              "evaluated with trainer.evaluate().")
