@@ -15,6 +15,9 @@ Data: the synthetic regression set of ``_loops``, through torchdata's ``Stateful
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -24,7 +27,16 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 from _loops import XV, YV, X, Y
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.sharding import local
+
+
+def torchrun(script, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``script *args`` under ``torchrun --standalone --nproc_per_node 2`` (for the tests)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def plain_model(seed: int = 0) -> nn.Module:
@@ -89,13 +101,20 @@ def evaluate_main(model):
 
 
 def train(model, opt, loader, steps: int, ga: int = 2, clip: float | None = 0.5, after_step=None,
-          evaluate_at=lambda t: False, start: int = 0):
-    """The user's FSDP2 loop. ``after_step(t, evaluating)`` after each optimizer step; at steps where
-    ``evaluate_at(t)``, the main branch is evaluated first (as users do right before ``hook.step``)."""
+          evaluate_at=lambda t: False, start: int = 0, rng: torch.Tensor | None = None):
+    """The user's FSDP loop. ``after_step(t, evaluating)`` after each optimizer step; at steps where
+    ``evaluate_at(t)``, the main branch is evaluated first (as users do right before ``hook.step``).
+
+    A resumed run passes ``start`` and the saved ``rng``: it is re-applied after the loader's iterator
+    is built (building it draws a seed from the global RNG), so dropout continues bit for bit."""
     fsdp1 = hasattr(model, "no_sync")
     t, micro = start, 0
     while t < steps:
-        for batch in loader:
+        it = iter(loader)
+        if rng is not None:
+            torch.set_rng_state(rng)
+            rng = None
+        for batch in it:
             last = (micro + 1) % ga == 0
             if fsdp1:
                 ctx = model.no_sync() if not last else contextlib.nullcontext()
@@ -126,6 +145,7 @@ def train(model, opt, loader, steps: int, ga: int = 2, clip: float | None = 0.5,
 
 def local_state(model, opt) -> dict:
     """This rank's shards of every main-branch tensor: parameters, buffers, optimizer state, LRs."""
+    sharding.reshard([model])  # the shards, not what an evaluation left unsharded
     out = {f"param.{n}": local(p).detach().clone() for n, p in model.named_parameters()}
     out.update({f"buffer.{n}": b.detach().clone() for n, b in model.named_buffers()})
     names = {p: n for n, p in model.named_parameters()}

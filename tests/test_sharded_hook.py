@@ -10,14 +10,12 @@ or the user's own saves, and a fixed-budget run of 4 + 3 steps. The tests compar
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _sharded_loops import torchrun
 from cooldown_callbacks.records import read_records
 
 pytestmark = pytest.mark.slow
@@ -25,13 +23,6 @@ HERE = Path(__file__).parent
 FORK_RUNS = {"fsdp2": ("cpu-full", "disk-dcp", "device-full", "cpu-fn"), "fsdp1": ("cpu-full", "disk-dcp", "cpu-fn")}
 CASES = [(kind, run) for kind, runs in FORK_RUNS.items() for run in runs]
 STEPS = (4, 8, 12)
-
-
-def torchrun(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 _outputs: dict[str, Path] = {}

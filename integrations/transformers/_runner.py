@@ -31,7 +31,8 @@ class _TrainerRunner:
     Private internals used (pinned: transformers 5.23, accelerate 1.15; the tests in
     tests/test_transformers.py fail if they move): ``Trainer._clip_grad_norm``,
     ``Trainer.current_gradient_accumulation_steps``, ``Trainer.save_model(_internal_call=True)`` (no
-    Hub push per fork), accelerate's ``GradientState._set_sync_gradients``,
+    Hub push per fork), ``Trainer._save(output_dir, state_dict=...)`` (a sharded model's gathered state,
+    on the main process), accelerate's ``GradientState._set_sync_gradients``,
     ``GradientState._dataloader_references_ref`` and ``plugin_kwargs["sync_each_batch"]``; for
     ``data="peek"`` the batch-sampler chain of accelerate's prepared loader (``.batch_sampler``,
     ``.sampler``, ``SeedableRandomSampler``) and the Trainer's epoch arithmetic
@@ -119,7 +120,15 @@ class _TrainerRunner:
         return out
 
     def save(self, path: Path) -> None:
-        self.t.save_model(str(path), _internal_call=True)
+        t = self.t
+        if self.cb.save_format == "dcp":  # a folder of shards, written by every rank
+            sharding.save_dcp(t.model, path)
+        elif sharding.is_sharded(t.model):  # FSDP2: gathered on every rank, written by the main process
+            state = sharding.full_state_dict(t.model)
+            if t.args.should_save:
+                t._save(str(path), state_dict=state)
+        else:
+            t.save_model(str(path), _internal_call=True)
 
     def end(self) -> None:
         for m, mode in self._modes:
@@ -128,15 +137,11 @@ class _TrainerRunner:
         self._groups = None
 
     def any_rank(self, flag: bool) -> bool:
-        if self.t.args.world_size <= 1 or not torch.distributed.is_initialized():
-            return flag
-        x = torch.tensor([1.0 if flag else 0.0], device=self.t.args.device)
-        torch.distributed.all_reduce(x)
-        return bool(x.item() > 0)
+        return sharding.any_rank(flag, device=self.t.args.device) if self.t.args.world_size > 1 else flag
 
     def barrier(self) -> None:
         if self.t.args.world_size > 1:
-            self.t.accelerator.wait_for_everyone()
+            sharding.barrier(device=self.t.args.device)
 
 
 def _holds(trainer: Any, cb: Any) -> bool:
