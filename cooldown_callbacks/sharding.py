@@ -33,8 +33,8 @@ fp32 master partitions (ZeRO-1/2: ``single_partition_of_fp32_groups``), which ar
 torch optimizer inside it, not module parameters - :class:`~cooldown_callbacks.snapshot.Snapshot`
 copies every optimizer param that is not a module parameter, so they are kept (local, 1/world).
 The engine's step counters, the ZeRO optimizer's loss scaler and the engine's LR scheduler are state
-too: Snapshot takes them for every engine among its modules (:func:`zero_extras`,
-:func:`zero_stateful`). A fork's steps go through ``engine.backward`` / ``engine.step`` per
+too (and the GradScaler of its ``torch_autocast`` fp16 mode): Snapshot takes them for every engine
+among its modules (:func:`zero_extras`, :func:`zero_stateful`). A fork's steps go through ``engine.backward`` / ``engine.step`` per
 micro-batch (DeepSpeed owns accumulation, clipping and loss scaling). :func:`full_state_dict` of an
 engine is the module's state without the ``module.`` prefix, with the fp32 masters gathered
 (collective) under fp16/bf16. deepspeed is never imported here: an engine is recognised through
@@ -292,7 +292,8 @@ def check_zero(engine: Any, where: str) -> None:
     """Raise ``ValueError`` for a DeepSpeed configuration whose forks are not known to be exact.
 
     Refused: ZeRO stage 3 (parameters partitioned and gathered by hooks), optimizer or parameter
-    offload, ZenFlow, pipeline engines, an engine without optimizer. ``where`` names the adapter.
+    offload, ZenFlow, ``torch_autocast`` with float16, pipeline engines, an engine without optimizer.
+    ``where`` names the adapter.
     """
     problems = []
     pipe = getattr(sys.modules.get("deepspeed"), "PipelineEngine", None)
@@ -306,6 +307,9 @@ def check_zero(engine: Any, where: str) -> None:
             problems.append(f"{what} offload (zero_optimization.offload_{'param' if what == 'parameter' else what})")
     if getattr(engine, "zenflow", False):
         problems.append("ZenFlow (zero_optimization.zenflow)")
+    if getattr(engine, "torch_autocast_enabled", lambda: False)() and engine.torch_autocast_dtype() == torch.float16:
+        # its GradScaler skipped every step on CPU here, so exactness could not be verified
+        problems.append("torch_autocast with float16 (torch_autocast.dtype; use bfloat16, or the fp16 config)")
     if getattr(engine, "optimizer", None) is None:
         problems.append("an engine without optimizer")
     if problems:
@@ -345,8 +349,16 @@ def zero_extras(modules: Iterable[Any]) -> list[tuple[Callable[[], Any], Callabl
 
 
 def zero_stateful(modules: Iterable[Any]) -> list[Any]:
-    """The LR scheduler of every DeepSpeed engine in ``modules`` (the engine steps it in ``engine.step``)."""
-    return [e.lr_scheduler for e in modules if is_zero(e) and hasattr(getattr(e, "lr_scheduler", None), "state_dict")]
+    """For every DeepSpeed engine in ``modules``: its LR scheduler (stepped in ``engine.step``) and the
+    ``torch.amp.GradScaler`` of its ``torch_autocast`` fp16 mode (the engine's under stage 0, else the
+    ZeRO optimizer's)."""
+    out = []
+    for e in (m for m in modules if is_zero(m)):
+        for obj in (getattr(e, "lr_scheduler", None), getattr(e, "torch_autocast_z0_gradscaler", None),
+                    getattr(e.optimizer, "torch_autocast_gradscaler", None)):
+            if obj is not None and hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+                out.append(obj)
+    return out
 
 
 def _zero_full_state_dict(engine: Any) -> dict[str, torch.Tensor]:

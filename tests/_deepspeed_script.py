@@ -2,7 +2,8 @@
 
 argv: OUT_DIR [VARIANT ...] (default: all of ``VARIANTS`` and ``refusals``); a VARIANT is ``<stage>`` or
 ``<stage>-bf16`` / ``<stage>-fp16`` (DeepSpeed refuses fp16 on a CPU without fp16 kernels: the script
-lifts that check, the ZeRO code is unchanged), ``<stage>-sched`` (the user's StepLR given to
+lifts that check, the ZeRO code is unchanged), ``<stage>-autocast`` (DeepSpeed's torch_autocast, bf16),
+``<stage>-sched`` (the user's StepLR given to
 DeepSpeed, the hook with ``schedule=None``; no ``fixed`` run) or ``accel-<stage>`` (Accelerate's
 DeepSpeed plugin and its loop idiom; no ``fixed`` run). For each variant, one process runs, each from the same
 seeds, into ``OUT_DIR/<variant>/<mode>/``:
@@ -47,6 +48,8 @@ def ds_config(variant: str) -> dict:
         cfg["bf16"] = {"enabled": True}
     if variant.endswith("-fp16"):  # dynamic loss scale from 2**20: overflows skip steps, the scale moves
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 20, "loss_scale_window": 2, "hysteresis": 1}
+    if variant.endswith("-autocast"):  # torch.autocast (bf16) around the fp32 module
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "torch.bfloat16"}
     return cfg
 
 
@@ -119,7 +122,7 @@ def rank_state(engine) -> dict:
     out["counters"] = torch.tensor([engine.global_steps, engine.global_samples, engine.micro_steps,
                                     engine.skipped_steps])
     # the last step's grad norm, as users log it (the engine's and the ZeRO optimizer's copy)
-    out["grad_norm"] = torch.tensor([float(engine.get_global_grad_norm()),
+    out["grad_norm"] = torch.tensor([float(engine.get_global_grad_norm() or 0.0),
                                      float(getattr(engine.optimizer, "_global_grad_norm", None) or 0.0)])
     return out
 
@@ -227,6 +230,7 @@ def refusals(out: str) -> None:
     attempt("stage3", {**base, "zero_optimization": {"stage": 3}})
     attempt("offload_optimizer", {**base, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
                                   "zero_force_ds_cpu_optimizer": False})
+    attempt("autocast_fp16", {**base, "torch_autocast": {"enabled": True, "dtype": "torch.float16"}})
     attempt("max_grad_norm", max_grad_norm=1.0)
     attempt("gradient_accumulation_steps", gradient_accumulation_steps=4)
     attempt("accepted")
@@ -236,7 +240,7 @@ def refusals(out: str) -> None:
     torch.distributed.barrier()
 
 
-VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-sched", "accel-2")
+VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-autocast", "2-sched", "accel-2")
 
 
 def main() -> None:

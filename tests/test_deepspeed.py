@@ -21,7 +21,7 @@ from cooldown_callbacks.records import read_records
 pytest.importorskip("deepspeed")  # in the dev extra: installed in CI
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("_deepspeed_script.py")
-VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-sched", "accel-2")
+VARIANTS = ("1", "2", "2-bf16", "1-fp16", "0-bf16", "2-autocast", "2-sched", "accel-2")
 FIXED = [v for v in VARIANTS if "-sched" not in v and "accel" not in v]  # with a fixed-budget reference run
 
 
@@ -79,6 +79,8 @@ def test_refused_configurations_name_the_option_and_the_alternative(runs):
     assert re.search(rf"ZeRO stage 3 \(zero_optimization.stage=3\); {alternative}", found["stage3"] or "")
     assert re.search(rf"optimizer offload \(zero_optimization.offload_optimizer\); {alternative}",
                      found["offload_optimizer"] or "")
+    assert re.search(rf"torch_autocast with float16 \(torch_autocast.dtype; use bfloat16, or the fp16 config\); "
+                     rf"{alternative}", found["autocast_fp16"] or "")
     assert re.search(r"Invalid max_grad_norm .*set its 'gradient_clipping' config", found["max_grad_norm"] or "")
     assert re.search(r"Invalid gradient_accumulation_steps \(4\): .*accumulates 2 micro-batches",
                      found["gradient_accumulation_steps"] or "")
