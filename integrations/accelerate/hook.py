@@ -57,6 +57,11 @@ class CooldownHook:
             gather; convert with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
         snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``. Sharded (FSDP2) state is
             copied per rank, local shards only.
+
+    Sharded models (FSDP2 ``fully_shard``, Accelerate's FSDP2 plugin, FSDP1 ``FullyShardedDataParallel``)
+    fork exactly: see :mod:`cooldown_callbacks.sharding`. In the ``loss_fn`` path non-final micro-batches
+    skip gradient communication as users do (DDP/FSDP1 ``no_sync()``, FSDP2
+    ``set_requires_gradient_sync(False)``) and FSDP1 clips with its own ``clip_grad_norm_``.
     """
 
     def __init__(

@@ -96,6 +96,8 @@ class CooldownCallback(Callback):
     was written) is in every Lightning checkpoint; the RNG is put back at the first training batch
     after ``fit(ckpt_path=...)``, so a resume from a checkpoint taken mid-epoch continues bit for bit
     with a stateful train loader. Under DDP, rank 0's RNG state is the one saved and restored.
+    Sharded training: exact under ``ModelParallelStrategy`` (FSDP2 in ``configure_model``; each rank
+    snapshots its local shards); ``strategy="fsdp"`` (FSDP1) is refused in ``setup``.
     Bad configuration raises :class:`CooldownMisconfiguration` (a ``ValueError`` and a Lightning
     ``MisconfigurationException``) in ``setup`` / ``on_fit_start`` / ``on_train_start``, before the
     first training step.

@@ -82,6 +82,9 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
     ``EarlyStoppingCallback`` stopped it (``on_epoch_end``), else in ``on_train_end`` (after
     ``load_best_model_at_end``, if set). ``ForkPlan(record_grad_norms=True)`` keeps the ``grad_norm``
     values the Trainer logs (every ``logging_steps``).
+
+    Sharded training: FSDP2 (``fsdp_config={"fsdp_version": 2}``) forks on each rank's local shards and
+    saves the gathered full model; FSDP v1 is refused in ``on_train_begin``.
     """
 
     def __init__(
