@@ -34,8 +34,9 @@ torch optimizer inside it, not module parameters - :class:`~cooldown_callbacks.s
 copies every optimizer param that is not a module parameter, so they are kept (local, 1/world).
 The engine's step counters, the ZeRO optimizer's loss scaler and the engine's LR scheduler are state
 too (and the GradScaler of its ``torch_autocast`` fp16 mode): Snapshot takes them for every engine
-among its modules (:func:`zero_extras`, :func:`zero_stateful`). A fork's steps go through ``engine.backward`` / ``engine.step`` per
-micro-batch (DeepSpeed owns accumulation, clipping and loss scaling). :func:`full_state_dict` of an
+among its modules (:func:`zero_extras`, :func:`zero_stateful`). A fork's steps go through
+``engine.backward`` / ``engine.step`` per micro-batch (DeepSpeed owns accumulation, clipping and loss
+scaling). :func:`full_state_dict` of an
 engine is the module's state without the ``module.`` prefix, with the fp32 masters gathered
 (collective) under fp16/bf16. deepspeed is never imported here: an engine is recognised through
 ``sys.modules`` (it cannot exist unless deepspeed was imported).

@@ -54,7 +54,8 @@ def state(t: Trainer) -> dict:
     for i, (p, st) in enumerate(inner.state.items()):
         for k, v in st.items():
             out[f"opt.{i}.{k}"] = torch.as_tensor(v).clone()
-    out["counters"] = torch.tensor([engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps])
+    out["counters"] = torch.tensor([engine.global_steps, engine.global_samples, engine.micro_steps,
+                                    engine.skipped_steps])
     return out
 
 

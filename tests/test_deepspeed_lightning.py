@@ -43,5 +43,6 @@ def test_deepspeed_strategy_is_refused_in_setup(tmp_path):
     out = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out["strategy"] == "DeepSpeedStrategy"
     assert re.search(r"does not support strategy='deepspeed' \(DeepSpeedStrategy\).*Use strategy='ddp', or "
-                     r"strategy=ModelParallelStrategy\(\).*CooldownHook with a DeepSpeed engine", out.get("error") or "")
+                     r"strategy=ModelParallelStrategy\(\).*CooldownHook with a DeepSpeed engine",
+                     out.get("error") or "")
     assert not out["dir_made"]  # refused before the callback set anything up

@@ -98,8 +98,8 @@ class CooldownHook:
                 optimizer = ds_engine.optimizer
             ds_ga = int(ds_engine.gradient_accumulation_steps())
             if gradient_accumulation_steps not in (None, ds_ga):
-                raise ValueError(f"Invalid gradient_accumulation_steps ({gradient_accumulation_steps!r}): the DeepSpeed "
-                                 f"engine accumulates {ds_ga} micro-batches per step; leave it None.")
+                raise ValueError(f"Invalid gradient_accumulation_steps ({gradient_accumulation_steps!r}): the "
+                                 f"DeepSpeed engine accumulates {ds_ga} micro-batches per step; leave it None.")
             gradient_accumulation_steps = ds_ga
             if max_grad_norm is not None:
                 raise ValueError(f"Invalid max_grad_norm ({max_grad_norm!r}) with a DeepSpeed engine: DeepSpeed clips "
