@@ -357,7 +357,20 @@ def cooldown_batches(source: Any, *, loader: Any = None, step: int = 0, seed: in
         return CooldownBatches(fresh(), kind)
     if is_stateful_loader(loader):
         clone = clone_stateful_loader(loader)
-        return CooldownBatches(_cycle(lambda: clone), kind)
+        first = [True]
+
+        def resume() -> Iterable:
+            # The main loader drew its iterator's base seed when its epoch began; the clone continues
+            # that epoch, so its iterator must not draw again from the global RNG (a loader without its
+            # own generator, e.g. with a DistributedSampler, would shift the fork's dropout stream).
+            if not first[0]:
+                return clone
+            first[0] = False
+            state = torch.get_rng_state()
+            it = iter(clone)
+            torch.set_rng_state(state)
+            return it
+        return CooldownBatches(_cycle(resume), kind)
     up = loader.upcoming()
     out = CooldownBatches(iter(()), kind, up)
 

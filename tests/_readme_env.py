@@ -8,10 +8,12 @@ library's own sources) sized so that the snippet runs in seconds.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from collections import namedtuple
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -119,8 +121,57 @@ def _transformers(names: set[str]) -> dict:
                 eval_dataset=eval_ds)
 
 
+def _library() -> dict:
+    """What a fragment without its imports takes for granted: torch and the library's public names."""
+    import cooldown_callbacks
+    from cooldown_callbacks.integrations.accelerate import CooldownHook
+
+    names = {k: getattr(cooldown_callbacks, k) for k in cooldown_callbacks.__all__}
+    return dict(names, torch=torch, CooldownHook=CooldownHook)
+
+
+class Blocks(nn.Module):
+    """A model with ``blocks`` to shard one by one (FSDP2's usual pattern), called HF-style."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(256, 16)
+        self.blocks = nn.ModuleList([nn.Linear(16, 16) for _ in range(2)])
+        self.head = nn.Linear(16, 256)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Out:
+        h = self.emb(input_ids)
+        for b in self.blocks:
+            h = torch.relu(b(h))
+        logits = self.head(h)
+        loss = None if labels is None else F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return Out(logits, loss)
+
+
+def _sharded(names: set[str]) -> dict:
+    """Fragments of a sharded (FSDP2 / DeepSpeed) script: one rank of a process group made here."""
+    env = dict(_torch_loop(names), **_library())
+    env["loader"] = env["train_loader"]
+    env["loss_fn"] = lambda m, batch: m(**batch).loss
+    env["eval_fn"] = env["evaluate"]
+    env["build_model"] = Blocks
+    if "fully_shard" in names:
+        from torch.distributed.fsdp import fully_shard
+
+        env["fully_shard"] = fully_shard
+    if "deepspeed" in names or "ds_config" in names:
+        import pytest
+
+        env["deepspeed"] = pytest.importorskip("deepspeed")
+        env["ds_config"] = {"train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 1,
+                            "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True,
+                            "steps_per_print": 10**9}
+    return env
+
+
 BUILDERS: dict[str, Callable[[set[str]], dict]] = {
     "lightning": _lightning, "transformers": _transformers, "accelerate": _torch_loop, "core": _torch_loop,
+    "sharded": _sharded,
 }
 
 
@@ -128,14 +179,37 @@ def framework(source: str) -> str:
     for name in ("lightning", "transformers", "accelerate"):
         if f"integrations.{name}" in source:
             return name
+    if "fully_shard" in source or "deepspeed" in source:
+        return "sharded"
     return "core"
 
 
-def namespace(source: str, read: set[str], required: set[str]) -> dict:
+@contextlib.contextmanager
+def environment(source: str, read: set[str], required: set[str]) -> Iterator[dict]:
     """The objects a snippet reads that the builders have (``read``); ``KeyError`` names any of those it
-    never defines itself (``required``) that the builders lack."""
-    built = BUILDERS[framework(source)](read)
-    missing = sorted(required - built.keys())
-    if missing:
-        raise KeyError(f"README snippet uses names tests/_readme_env.py does not build: {missing}")
-    return {k: built[k] for k in read if k in built}
+    never defines itself (``required``) that the builders lack. A sharded fragment runs as the one rank
+    of a process group (gloo), torn down afterwards."""
+    kind = framework(source)
+    group = kind == "sharded" and not torch.distributed.is_initialized()
+    saved = {k: os.environ.get(k) for k in _DIST_ENV}
+    if group:
+        os.environ.update(_DIST_ENV)
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    try:
+        built = BUILDERS[kind](read)
+        missing = sorted(required - built.keys())
+        if missing:
+            raise KeyError(f"README snippet uses names tests/_readme_env.py does not build: {missing}")
+        yield {k: built[k] for k in read if k in built}
+    finally:
+        if group:
+            torch.distributed.destroy_process_group()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+_DIST_ENV = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533"}

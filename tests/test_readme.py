@@ -2,9 +2,10 @@
 
 The snippets are taken from README.md at test time (so the test follows whatever the README says):
 each fenced ``python`` block is executed in a fresh folder with the names it uses but does not define
-supplied by ``tests/_readme_env.py``. Snippets are written for real runs, so every integer literal
->= 100 is divided by 100 (``max_steps=10_000`` -> 100, ``every=1000`` -> 10, ``warmup_steps=200`` -> 2):
-the same plan at 1/100 of the scale. A snippet that builds an adapter must leave fork records, all ok.
+supplied by ``tests/_readme_env.py`` (a fragment of a sharded script runs as the one rank of a process
+group). Snippets are written for real runs, so every integer literal >= 100 is divided by 100
+(``max_steps=10_000`` -> 100, ``every=1000`` -> 10, ``warmup_steps=200`` -> 2): the same plan at 1/100 of
+the scale. A snippet that builds an adapter and trains must leave fork records, all ok.
 """
 
 from __future__ import annotations
@@ -83,11 +84,10 @@ def test_readme_has_the_adapter_snippets():
 def test_readme_snippet_runs(line, source, tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
     tree = ast.fix_missing_locations(_Scale().visit(ast.parse(source)))
-    env = _readme_env.namespace(source, *used_names(tree))
-    with warnings.catch_warnings():
+    with _readme_env.environment(source, *used_names(tree)) as env, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the frameworks' own chatter about tiny CPU runs
         exec(compile(tree, f"README.md:{line}", "exec"), env)  # noqa: S102 - the README's own code
-    if re.search(r"\bCooldown(Hook|Callback|TrainerCallback)\(", source):
+    if re.search(r"\bCooldown(Hook|Callback|TrainerCallback)\(", source) and re.search(r"\.(step|fit|train)\(", source):
         found = [r for p in sorted(tmp_path.rglob("forks.jsonl")) for r in read_records(p)]
         assert found, "the snippet's run wrote no fork records"
         bad = [(r["step"], r.get("error")) for r in found if r["status"] != "ok"]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.data import CooldownBatches, cooldown_batches
 from cooldown_callbacks.engine import ForkError
 from cooldown_callbacks.snapshot import Snapshot
@@ -23,11 +24,7 @@ if TYPE_CHECKING:
 MAX_MICRO_BATCHES = 1024
 
 
-def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind an accelerate ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer & co
-        opt = opt.optimizer
-    return opt
+_inner = sharding.torch_optimizer  # behind AcceleratedOptimizer and/or DeepSpeed's ZeRO optimizer
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -66,7 +63,9 @@ class _HookRunner:
         self._micro = 0
         self._k = 0
         self._c = 0
-        self._steps: dict[int, int] = {}  # optimizer id -> optimizer steps taken in this fork
+        self._steps: dict[int, int] = {}  # optimizer id -> its steps in the current cooldown step
+        self._groups_of: dict[int, list] = {}  # optimizer id -> its param groups at the fork's start
+        self._offset: dict[int, int] = {}  # optimizer id -> index of its first group in the fork's LR list
         self._bad_grad: int | None = None  # first fork step with a non-finite gradient
         self._lrs: Any = None
         self._step = 0
@@ -85,6 +84,8 @@ class _HookRunner:
             extras.append((lambda: dict(gs.__dict__), lambda d: (gs.__dict__.clear(), gs.__dict__.update(d))))
             extras.append((lambda: acc.step, lambda v: setattr(acc, "step", v)))
             extras.extend(shield_prepared_loaders(acc, skip=h.train_loader))
+        # a DeepSpeed engine as the model: Snapshot adds its counters, loss scaler and LR scheduler, and the
+        # inner torch optimizer's params are its fp32 master partitions
         return Snapshot.take(modules=[h.model], optimizers=[_inner(o) for o in h.optimizers],
                              stateful=[*h._schedulers, *h._scalers, *h._stateful], generators=h._generators,
                              extras=extras, storage=h.snapshot_storage, directory=h.engine.dirpath)
@@ -103,7 +104,13 @@ class _HookRunner:
         base, at_fork = self.base_lrs(), self.current_lrs()
         self._lrs = lambda k: h.engine.fork_lrs(step, k, cooldown_steps, base, at_fork)
         self._step, self._c, self._k, self._micro = step, cooldown_steps, 0, 0
-        self._steps = {id(_inner(o)): 0 for o in h.optimizers}
+        self._groups_of, self._offset, offset = {}, {}, 0
+        for o in h.optimizers:
+            inner = _inner(o)
+            self._groups_of[id(inner)] = list(inner.param_groups)
+            self._offset[id(inner)] = offset
+            offset += len(inner.param_groups)
+        self._steps = dict.fromkeys(self._groups_of, 0)
         self._bad_grad = None
         if h.accelerator is not None:
             gs = h.accelerator.gradient_state
@@ -113,72 +120,81 @@ class _HookRunner:
         h.model.train()
 
     def pre_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """A fork's optimizer step is about to run: this optimizer's LRs for its next cooldown step."""
-        h = self.h
+        """A fork's optimizer step is about to run: the LRs of the cooldown step being run (``_k``), for the
+        param groups in this call (DeepSpeed's ZeRO steps one group per call); counted once per step."""
         key = id(optimizer)
-        k = self._steps.get(key, 0)
-        lrs = self._lrs(min(k, self._c - 1))
-        offset = 0
-        for o in h.optimizers:
-            inner = _inner(o)
-            if inner is optimizer:
-                for g, lr in zip(inner.param_groups, lrs[offset:]):
-                    g["lr"] = lr
-                break
-            offset += len(inner.param_groups)
+        full = self._groups_of.get(key, [])
+        index = {id(g): i for i, g in enumerate(full)}
+        lrs, offset = self._lrs(min(self._k, self._c - 1)), self._offset.get(key, 0)
+        for g in optimizer.param_groups:
+            if id(g) in index:
+                g["lr"] = lrs[offset + index[id(g)]]
+        if not full or optimizer.param_groups[0] is full[0]:
+            self._steps[key] = self._steps.get(key, 0) + 1
         if self._bad_grad is None and not _grads_finite(optimizer):
-            self._bad_grad = self._step + k
-        self._steps[key] = k + 1
+            self._bad_grad = self._step + self._k
 
-    def _opt_steps(self) -> int:
-        return self._steps[id(_inner(self.h.optimizers[0]))]
+    def _skip_marks(self) -> tuple:
+        """What moves when a loss scaler skips a step: GradScaler scales (they shrink), DeepSpeed's count."""
+        h = self.h
+        scales = tuple(s.get_scale() for s in h._scalers
+                       if callable(getattr(s, "get_scale", None)) and (not callable(getattr(s, "is_enabled", None))
+                                                                       or s.is_enabled()))
+        return scales, getattr(h._ds_engine, "skipped_steps", 0)
+
+    def _skipped(self, marks: tuple) -> bool:
+        now = self._skip_marks()
+        return any(b < a for a, b in zip(marks[0], now[0])) or now[1] > marks[1]
 
     def train_step(self, lrs: Sequence[float]) -> float | None:
-        """One cooldown step: micro-batches until every optimizer has stepped once more."""
+        """One cooldown step: micro-batches until every optimizer has stepped once (or a loss scaler skipped
+        the step on non-finite scaled gradients: a step for the schedule, as in the main loop)."""
         h = self.h
-        k, loss_val = self._k, None
-        self._k += 1
+        loss_val = None
+        self._steps = dict.fromkeys(self._steps, 0)
+        marks = self._skip_marks()
         if h.step_fn is None:
             for _ in range(h.gradient_accumulation_steps):
                 loss_val = self._micro_step(next(self._batches))
-            self._check_steps(k)
-            return loss_val
-        # step_fn: micro-batches until the optimizer has stepped (with gradient_accumulation_steps given, at
-        # least that many): a step_fn that keeps its own micro-batch counter ends the fork at a step boundary,
-        # so the main branch's accumulation goes on in phase even when the fork fails
-        ga, fixed, n = h.gradient_accumulation_steps, h._ga_given, 0
-        while n < MAX_MICRO_BATCHES and ((fixed and n < ga) or self._opt_steps() <= k):
-            out = h.step_fn(next(self._batches))
-            n += 1
-            if out is not None:
-                loss_val = float(out.detach() if torch.is_tensor(out) else out)
-        if fixed and n != ga and self._opt_steps() == k + 1:
-            raise ForkError(f"cooldown step {k + 1} of {self._c}: your step_fn stepped the optimizer after {n} "
-                            f"micro-batches, not every gradient_accumulation_steps={ga}; give the value your loop "
-                            "uses, or leave it out and the hook feeds micro-batches until the optimizer steps")
-        self._check_steps(k)
+        else:
+            # step_fn: micro-batches until the optimizer has stepped (with gradient_accumulation_steps given, at
+            # least that many): a step_fn that keeps its own micro-batch counter ends the fork at a step boundary,
+            # so the main branch's accumulation goes on in phase even when the fork fails
+            ga, fixed, n = h.gradient_accumulation_steps, h._ga_given, 0
+            first = next(iter(self._steps))
+            while n < MAX_MICRO_BATCHES and ((fixed and n < ga) or (self._steps[first] == 0 and not self._skipped(marks))):
+                out = h.step_fn(next(self._batches))
+                n += 1
+                if out is not None:
+                    loss_val = float(out.detach() if torch.is_tensor(out) else out)
+            if fixed and n != ga and self._steps[first] == 1:
+                raise ForkError(f"cooldown step {self._k + 1} of {self._c}: your step_fn stepped the optimizer after "
+                                f"{n} micro-batches, not every gradient_accumulation_steps={ga}; give the value your "
+                                "loop uses, or leave it out and the hook feeds micro-batches until the optimizer steps")
+        self._check_steps(marks)
+        self._k += 1
         return loss_val
 
-    def _check_steps(self, k: int) -> None:
-        """Every optimizer has stepped exactly once more in cooldown step ``k``, or the fork fails with why."""
+    def _check_steps(self, marks: tuple) -> None:
+        """Every optimizer stepped exactly once in this cooldown step (or a loss scaler skipped it), or the
+        fork fails with why."""
         h = self.h
-        bad = [(i, s) for i, s in enumerate(self._steps.values()) if s != k + 1]
+        skipped = self._skipped(marks)
+        bad = [(i, s) for i, s in enumerate(self._steps.values()) if s > 1 or (s == 0 and not skipped)]
         if not bad:
             return
         i, s = bad[0]
-        got = s - k
         what = f"optimizer {i}" if len(self._steps) > 1 else "the optimizer"
-        if h.step_fn is not None and got <= 0:
-            why = (f"step_fn ran {MAX_MICRO_BATCHES} micro-batches without an optimizer step (a GradScaler skipping "
-                   "every step, or a step_fn that never steps)")
+        if h.step_fn is not None and s == 0:
+            why = (f"step_fn ran {MAX_MICRO_BATCHES} micro-batches without an optimizer step (a step_fn that never "
+                   "steps?)")
         elif h.step_fn is not None:
             why = (f"your step_fn steps the optimizer more often than every gradient_accumulation_steps="
                    f"{h.gradient_accumulation_steps} micro-batches; give the value your loop uses, or leave it out")
-        elif got <= 0 and h._scaler_in_use():
-            why = "the GradScaler skipped the step (non-finite scaled gradients)"
         else:
-            why = "the optimizer was stepped outside the hook's loop body"
-        raise ForkError(f"cooldown step {k + 1} of {self._c}: {max(got, 0)} optimizer steps of {what} instead of 1 "
+            why = "the optimizer was stepped outside the hook's loop body" if s > 1 else \
+                "the loop body did not reach an optimizer step"
+        raise ForkError(f"cooldown step {self._k + 1} of {self._c}: {s} optimizer steps of {what} instead of 1 "
                         f"({why}); a cooled model must have run exactly its cooldown")
 
     def _micro_step(self, batch: Any) -> float:
@@ -186,6 +202,14 @@ class _HookRunner:
         h = self.h
         acc = h.accelerator
         self._micro += 1
+        ds = h._ds_engine
+        if ds is not None and acc is None:  # DeepSpeed owns accumulation, clipping, loss scaling and zero_grad
+            loss = h.loss_fn(h.model, to_device(batch, ds.device))
+            ds.backward(loss)
+            if getattr(ds, "managed_gradient_accumulation", lambda: True)() or \
+                    self._micro % h.gradient_accumulation_steps == 0:
+                ds.step()
+            return float(loss.detach())
         if acc is not None and acc.gradient_accumulation_steps > 1:  # the accelerator accumulates (accumulate())
             with acc.accumulate(h.model):
                 loss = self._backward(batch, 1)
@@ -208,9 +232,8 @@ class _HookRunner:
             return contextlib.nullcontext()
         if h.accelerator is not None:
             return h.accelerator.no_sync(h.model)
-        if isinstance(h.model, torch.nn.parallel.DistributedDataParallel):
-            return h.model.no_sync()
-        return contextlib.nullcontext()
+        # DDP/FSDP1 no_sync(), FSDP2 set_requires_gradient_sync(False)
+        return sharding.no_gradient_sync(h.model, enabled=True)
 
     def _backward(self, batch: Any, ga: int) -> torch.Tensor:
         """``loss_fn`` on ``batch`` and backward of ``loss / ga`` (scaled by the plain loop's GradScaler)."""
@@ -237,7 +260,7 @@ class _HookRunner:
                 if scaler is not None:
                     for o in h.optimizers:
                         scaler.unscale_(o)
-                torch.nn.utils.clip_grad_norm_(h.model.parameters(), h.max_grad_norm)
+                sharding.clip_grad_norm(h.model, h.max_grad_norm)  # FSDP1: its own clip_grad_norm_
         for o in h.optimizers:
             scaler.step(o) if scaler is not None else o.step()
         if scaler is not None:
@@ -271,14 +294,16 @@ class _HookRunner:
         torch.distributed.all_reduce(vals)
         return {k: v / self.h.world_size for k, v in zip(names, vals.tolist())}
 
-    def _device(self) -> torch.device:
-        h = self.h
-        return h.accelerator.device if h.accelerator is not None else next(h.model.parameters()).device
-
     def save(self, path: Path) -> None:
         h = self.h
         if h.save_fn is not None:
             h.save_fn(h.model, path)
+            return
+        if h.save_format == "dcp":  # a sharded folder, written by every rank
+            sharding.save_dcp(h.model, path)
+            return
+        if sharding.is_sharded(h.model):  # gathered on every rank (FSDP, DeepSpeed fp32 masters), written by rank 0
+            sharding.save_full(h.model, path)
             return
         if h.accelerator is not None:
             state = plain_keys(h.accelerator.get_state_dict(h.model))
@@ -300,23 +325,17 @@ class _HookRunner:
         return self._bad_grad
 
     def any_rank(self, flag: bool) -> bool:
-        h = self.h
-        if h.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self._device())
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
+        return sharding.any_rank(flag, device=self._device()) if self.h.world_size > 1 else flag
 
     def barrier(self) -> None:
+        if self.h.world_size > 1:
+            sharding.barrier(device=self._device())
+
+    def _device(self) -> torch.device:
         h = self.h
-        if h.world_size > 1:
-            if h.accelerator is not None:
-                h.accelerator.wait_for_everyone()
-            else:
-                torch.distributed.barrier()
+        if h.accelerator is not None:
+            return h.accelerator.device
+        return sharding.local(next(h.model.parameters())).device
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer is about to apply is finite (one max-norm, one sync)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+_grads_finite = sharding.grads_finite  # this rank's (local) gradients; the engine combines the ranks

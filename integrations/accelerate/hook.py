@@ -7,15 +7,17 @@ import os
 import warnings
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.data import RESTARTED, PeekableLoader, resolve_source
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule
+from cooldown_callbacks.sharding import SAVE_FORMATS
 from cooldown_callbacks.snapshot import STORAGES
 
 from ._loaders import add_bookkeeping, peekable
@@ -35,10 +37,13 @@ class CooldownHook:
     Call ``hook.step()`` once after each optimizer step (see the package docstring for the loop).
 
     Args:
-        model: the (prepared) model; a ``torch.compile``d or DDP-wrapped model is saved with the plain
-            module's keys.
-        optimizer: the (prepared) optimizer, or a list of them. One hook per optimizer: a second hook
-            on the same optimizer is refused (several cooldowns per fork point go in one plan).
+        model: the (prepared) model, or a ``deepspeed.DeepSpeedEngine`` (ZeRO stage 0, 1 or 2; the fork's
+            steps then go through ``engine.backward`` / ``engine.step``, which own accumulation,
+            clipping and loss scaling; see :mod:`cooldown_callbacks.sharding`). A ``torch.compile``d or
+            DDP-wrapped model is saved with the plain module's keys.
+        optimizer: the (prepared) optimizer, or a list of them (``None`` with a DeepSpeed engine: its own).
+            One hook per optimizer: a second hook on the same optimizer is refused (several cooldowns
+            per fork point go in one plan).
         schedule: main-branch schedule (``WSD``, ``RSqrt``, ...); ``None`` keeps the user's scheduler
             and forks decay from the current LR. With a schedule, an LR scheduler of your own that also
             steps is overridden (a warning says so once).
@@ -65,17 +70,29 @@ class CooldownHook:
         accelerator: an ``accelerate.Accelerator``, or ``None`` for a plain PyTorch loop.
         schedulers, scalers, generators, stateful: extra objects whose state the fork must not
             change (the accelerator's own scaler is added automatically).
-        gradient_accumulation_steps: micro-batches per optimizer step. Default: the accelerator's (or
-            1). With an Accelerator left at 1 and hand-written accumulation, give your loop's value;
-            a value that contradicts an accelerator's own accumulation is refused.
-        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping).
+        gradient_accumulation_steps: micro-batches per optimizer step. Default: the accelerator's, the
+            DeepSpeed engine's, or 1. With an Accelerator left at 1 and hand-written accumulation, give
+            your loop's value; a value that contradicts an accelerator's own accumulation is refused.
+        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping; with
+            DeepSpeed, clipping is its ``gradient_clipping`` config).
         dirpath: where cooled checkpoints and ``forks.jsonl`` go; one run per folder: before its first
             step, a new run refuses a folder holding another run's records (a resumed run, with the
             hook's state loaded, continues there).
         filename: checkpoint name with ``{step}`` and ``{cooldown}`` (default without ``=``).
-        save_fn: ``save_fn(model, path)`` writing the cooled model (default: the unwrapped
-            ``state_dict`` with ``torch.save``, ``.pt``).
-        snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``.
+        save_fn: ``save_fn(model, path)`` writing the cooled model, called on every rank (default: the
+            unwrapped ``state_dict`` with ``torch.save``, ``.pt``; for a sharded model the full state
+            gathered on every rank and written by rank 0, see ``save_format``).
+        save_format: ``"full"`` (default: one ``.pt`` file that loads with
+            ``model.load_state_dict(torch.load(path))``) or ``"dcp"`` (a folder of
+            ``torch.distributed.checkpoint`` shards written by every rank, for models too large to
+            gather; convert with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
+        snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``. Sharded (FSDP2) state is
+            copied per rank, local shards only.
+
+    Sharded models (FSDP2 ``fully_shard``, Accelerate's FSDP2 plugin, FSDP1 ``FullyShardedDataParallel``)
+    fork exactly: see :mod:`cooldown_callbacks.sharding`. In the ``loss_fn`` path non-final micro-batches
+    skip gradient communication as users do (DDP/FSDP1 ``no_sync()``, FSDP2
+    ``set_requires_gradient_sync(False)``) and FSDP1 clips with its own ``clip_grad_norm_``.
     """
 
     def __init__(
@@ -99,11 +116,25 @@ class CooldownHook:
         dirpath: str | os.PathLike = "cooled",
         filename: str = DEFAULT_FILENAME,
         save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
+        save_format: Literal["full", "dcp"] = "full",
         snapshot_storage: str = "cpu",
         verbose: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"Invalid model ({type(model).__name__}): must be a torch.nn.Module.")
+        ds_engine = model if sharding.is_zero(model) else None
+        if ds_engine is not None:
+            sharding.check_zero(ds_engine, "CooldownHook")
+            if optimizer is None:
+                optimizer = ds_engine.optimizer
+            ds_ga = int(ds_engine.gradient_accumulation_steps())
+            if gradient_accumulation_steps not in (None, ds_ga):
+                raise ValueError(f"Invalid gradient_accumulation_steps ({gradient_accumulation_steps!r}): the "
+                                 f"DeepSpeed engine accumulates {ds_ga} micro-batches per step; leave it None.")
+            gradient_accumulation_steps = ds_ga
+            if max_grad_norm is not None:
+                raise ValueError(f"Invalid max_grad_norm ({max_grad_norm!r}) with a DeepSpeed engine: DeepSpeed clips "
+                                 "in engine.step(); set its 'gradient_clipping' config and leave max_grad_norm None.")
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         if not optimizers or not all(isinstance(_inner(o), torch.optim.Optimizer) for o in optimizers):
             raise ValueError("Invalid optimizer: pass the torch (or accelerate-prepared) optimizer, or a list of them.")
@@ -135,6 +166,13 @@ class CooldownHook:
             raise ValueError("max_grad_norm applies to the loss_fn path; with step_fn, clip inside your step_fn.")
         if snapshot_storage not in STORAGES:
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
+        if save_format not in SAVE_FORMATS:
+            raise ValueError(f"Invalid save_format ({save_format!r}): choose one of {SAVE_FORMATS}.")
+        if save_fn is not None and save_format != "full":
+            raise ValueError("save_format applies to the default save; with save_fn, write the format you want there.")
+        if ds_engine is not None and save_format != "full":
+            raise ValueError(f"Invalid save_format ({save_format!r}) with a DeepSpeed engine: ZeRO-1/2 hold the full "
+                             "module on every rank; use save_format='full'.")
         grad_scaler = self._pick_scaler(scalers, accelerator, loss_fn is not None)
         for o in optimizers:
             other = _DRIVEN.get(_inner(o), lambda: None)()
@@ -145,6 +183,7 @@ class CooldownHook:
                     "one plan (ForkPlan(cooldown=[...])), or call close() on the other hook first.")
         self.model = model
         self.optimizers = optimizers
+        self._ds_engine = ds_engine
         self.accelerator = accelerator
         self.loss_fn, self.step_fn, self.eval_fn, self.save_fn = loss_fn, step_fn, eval_fn, save_fn
         self.train_loader = train_loader
@@ -154,6 +193,7 @@ class CooldownHook:
         self._ga_given = gradient_accumulation_steps is not None
         self.max_grad_norm = max_grad_norm
         self.snapshot_storage = snapshot_storage
+        self.save_format = save_format
         self.verbose = verbose
         self.rank, self.world_size = self._dist_info()
         self.engine = ForkEngine(plan, schedule, check_writable_dir(dirpath) if self.rank == 0 else Path(dirpath),
@@ -170,7 +210,7 @@ class CooldownHook:
         self._active: _HookRunner | None = None  # the fork in progress
         self._started = False
         self._warned: set[str] = set()
-        self._set_lrs: list[float] | None = None  # the main-branch LRs the hook set last
+        self._set_lrs: dict[int, float] = {}  # id(param group) -> the main-branch LR the hook set last
         self._forwards = 0  # training forward passes before the first optimizer step (accumulation check)
         for g in self._groups:
             g.setdefault("initial_lr", g["lr"])
@@ -197,9 +237,6 @@ class CooldownHook:
             raise ValueError(f"Invalid scalers: {len(enabled)} enabled GradScalers; the loss_fn path steps one. "
                              "Use step_fn for a loop with several.")
         return enabled[0]
-
-    def _scaler_in_use(self) -> bool:
-        return self._grad_scaler is not None or getattr(self.accelerator, "scaler", None) is not None
 
     # -- the training loader -----------------------------------------------------------------
     def wrap(self, loader: Any = None) -> PeekableLoader:
@@ -236,9 +273,9 @@ class CooldownHook:
     def _apply_main_lr(self) -> None:
         mult = self.engine.main_multiplier(self.step_count)
         if mult is not None:
-            for g in self._groups:
+            for g in self._groups:  # inside a DeepSpeed ZeRO step: the one group being stepped
                 g["lr"] = g["initial_lr"] * mult
-            self._set_lrs = [g["lr"] for g in self._groups]
+                self._set_lrs[id(g)] = g["lr"]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._active is not None:
@@ -250,7 +287,7 @@ class CooldownHook:
         self._apply_main_lr()
 
     def _check_foreign_lr(self) -> None:
-        if self._set_lrs is not None and [g["lr"] for g in self._groups] != self._set_lrs:
+        if any(self._set_lrs.get(id(g), g["lr"]) != g["lr"] for g in self._groups):
             self._warn("scheduler", "The learning rate was changed between two optimizer steps by something other than "
                        "the CooldownHook (an LR scheduler of yours that also steps?). With schedule=... the hook sets "
                        "the LR before every step, so your scheduler's get_last_lr() no longer reports the LR used. "
@@ -343,7 +380,7 @@ class CooldownHook:
         self._check_foreign_lr()
         self.step_count = t
         rec = None
-        suffix = ".pt" if self.save_fn is None else ""
+        suffix = self._suffix()
         if self.engine.should_fork(t, evaluating=evaluating):
             rec = self.engine.fork(t, _HookRunner(self), suffix=suffix, main_metrics=metrics)
             self._report(rec)
@@ -363,7 +400,7 @@ class CooldownHook:
         plan = self.engine.plan
         if not plan.at_end or t <= 0 or t in self.engine.completed:
             return None
-        rec = self.engine.fork(t, _HookRunner(self), suffix=".pt" if self.save_fn is None else "", main_metrics=metrics)
+        rec = self.engine.fork(t, _HookRunner(self), suffix=self._suffix(), main_metrics=metrics)
         self._report(rec)
         return rec
 
@@ -405,6 +442,10 @@ class CooldownHook:
         self._apply_main_lr()
 
     # -- internals ---------------------------------------------------------------------------
+    def _suffix(self) -> str:
+        """``.pt`` for the default full save; a DCP folder or the user's ``save_fn`` get the bare name."""
+        return ".pt" if self.save_fn is None and self.save_format == "full" else ""
+
     def _dist_info(self) -> tuple[int, int]:
         if self.accelerator is not None:
             return self.accelerator.process_index, self.accelerator.num_processes
