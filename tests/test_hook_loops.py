@@ -292,11 +292,13 @@ def test_compiled_model_is_saved_with_the_plain_modules_keys(with_accelerator, t
     fresh.load_state_dict(state)
 
 
-def scaler_loop(steps, tmp=None, schedule=SCHED):
-    """fp16 autocast with a GradScaler, losses small enough that unscaled fp16 gradients lose precision."""
+def scaler_loop(steps, tmp=None, schedule=SCHED, skips=False, scales=None):
+    """fp16 autocast with a GradScaler, losses small enough that unscaled fp16 gradients lose precision.
+    ``skips``: a scale that grows every step until fp16 overflows, so the scaler skips every other step."""
     torch.manual_seed(0)
     model, opt = make_model_opt()
-    scaler = torch.amp.GradScaler("cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**26, growth_interval=1) if skips else \
+        torch.amp.GradScaler("cpu")
 
     def small_loss(m, batch):
         x, y = batch
@@ -320,17 +322,25 @@ def scaler_loop(steps, tmp=None, schedule=SCHED):
         scaler.update()
         opt.zero_grad()
         after()
+        if scales is not None:
+            scales.append(scaler.get_scale())
         if t == steps:
             break
     return model, opt, scaler
 
 
-def test_loss_fn_path_steps_the_grad_scaler_like_the_loop(tmp_path):
-    model, opt, scaler = scaler_loop(6, tmp_path)
-    ref_model, ref_opt, ref_scaler = scaler_loop(6)
+@pytest.mark.parametrize("skips", [False, True], ids=["no-skips", "skipped-steps"])
+def test_loss_fn_path_steps_the_grad_scaler_like_the_loop(skips, tmp_path):
+    """With skips, the scaler skips a step inside the cooldown: a step for the schedule, as in the main
+    loop and the fixed-budget run (the next update gets the next LR), not a failed fork."""
+    model, opt, scaler = scaler_loop(6, tmp_path, skips=skips)
+    ref_model, ref_opt, ref_scaler = scaler_loop(6, skips=skips)
     assert_equal_states(full_state(ref_model, ref_opt), full_state(model, opt))
     assert scaler.state_dict() == ref_scaler.state_dict()
-    fixed, _, _ = scaler_loop(7, schedule=SCHED.cooled(at=4, cooldown=CD))
+    scales = [2.0**26 if skips else 2.0**16]
+    fixed, _, _ = scaler_loop(7, schedule=SCHED.cooled(at=4, cooldown=CD), skips=skips, scales=scales)
+    assert any(b < a for a, b in zip(scales[4:], scales[5:])) == skips  # a skip among the cooldown's steps 5..7
+    assert read_records(tmp_path)[0]["status"] == "ok"
     assert cooled_equals(tmp_path / "cooled-step00000004-cd3.pt", fixed)
 
 
