@@ -88,7 +88,8 @@ def test_wrapped_prepared_loader_forks_cool_on_the_main_branchs_next_batches(ga,
     recs = {r["step"]: r for r in read_records(tmp_path)}
     assert all(r["status"] == "ok" for r in recs.values()) and recs[3]["data"] == "peek"
     crossing = recs[6 if ga == 2 else 15]["data"]  # 12 of 15 batches used (the fork needs 4) / all 15 used
-    assert crossing == f"peek ({3 if ga == 2 else 0} batches), then fresh: the main branch's pass over the data ended during the fork"
+    assert crossing == (f"peek ({3 if ga == 2 else 0} batches), then fresh: the main branch's pass over the data "
+                        "ended during the fork")
     # the fork at 3 (within the pass) is the fixed-budget run of 3 + 2 steps
     fixed, _, _ = accel_run(5, ga=ga, schedule=SCHED.cooled(at=3, cooldown=CD), batch_size=16)
     cooled = torch.load(tmp_path / "cooled-step00000003-cd2.pt")

@@ -8,6 +8,7 @@ scheduler, resumes and shared folders.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -71,6 +72,25 @@ def test_new_run_refuses_another_runs_folder_before_its_first_step_and_a_resumed
     assert [r["step"] for r in read_records(tmp_path)] == [4, 8]
 
 
+def test_resume_through_torch_dcp_state_dicts_is_not_taken_for_the_first_step(tmp_path):
+    """get_state_dict() steps an empty optimizer at LR 0 on zero gradients to create its state, before the
+    checkpoint (and the hook's state) is loaded: that is not the run's first step."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model, opt = make_model_opt()
+    hook = hook_for(model, opt, tmp_path)
+    train(model, opt, make_loader(), 5, after_step=hook.step)  # a fork at 4
+    saved = get_state_dict(model, opt)
+    saved = ({k: v.clone() for k, v in saved[0].items()}, copy.deepcopy(saved[1]), hook.state_dict())
+    model2, opt2 = make_model_opt(seed=1)
+    hook2 = hook_for(model2, opt2, tmp_path)
+    get_state_dict(model2, opt2)  # the resume: state dicts to load into (steps opt2 once, inertly)
+    set_state_dict(model2, opt2, model_state_dict=saved[0], optim_state_dict=saved[1])
+    hook2.load_state_dict(saved[2])
+    train(model2, opt2, make_loader(), 4, after_step=hook2.step)
+    assert [r["step"] for r in read_records(tmp_path)] == [4, 8]
+
+
 # -- item 5: one hook per optimizer ----------------------------------------------------------------
 
 def test_a_second_hook_on_the_same_optimizer_is_refused(tmp_path):
@@ -108,7 +128,8 @@ def run_step_fn(steps, tmp=None, schedule=SCHED, **hook_kw):
     hook = None
     if tmp is not None:
         hook = CooldownHook(model, opt, schedule=schedule, plan=ForkPlan(at=[4], cooldown=CD, data="peek"),
-                            step_fn=step_fn, eval_fn=eval_fn, train_loader=loader, dirpath=tmp, verbose=False, **hook_kw)
+                            step_fn=step_fn, eval_fn=eval_fn, train_loader=loader, dirpath=tmp, verbose=False,
+                            **hook_kw)
         after = hook.step
     else:
         after = schedule.lambda_lr(opt).step

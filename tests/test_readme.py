@@ -51,7 +51,8 @@ def used_names(tree: ast.AST) -> tuple[set[str], set[str]]:
                 defined.add(node.name)
             inner = {a.arg for a in ast.walk(node.args) if isinstance(a, ast.arg)}
             body = node.body if isinstance(node.body, list) else [node.body]
-            inner |= {n.id for b in body for n in ast.walk(b) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+            inner |= {n.id for b in body for n in ast.walk(b)
+                      if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
             for d in node.args.defaults + node.args.kw_defaults:
                 if d is not None:
                     visit(d, local)

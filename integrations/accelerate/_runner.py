@@ -162,7 +162,8 @@ class _HookRunner:
             # so the main branch's accumulation goes on in phase even when the fork fails
             ga, fixed, n = h.gradient_accumulation_steps, h._ga_given, 0
             first = next(iter(self._steps))
-            while n < MAX_MICRO_BATCHES and ((fixed and n < ga) or (self._steps[first] == 0 and not self._skipped(marks))):
+            while n < MAX_MICRO_BATCHES and ((fixed and n < ga)
+                                             or (self._steps[first] == 0 and not self._skipped(marks))):
                 out = h.step_fn(next(self._batches))
                 n += 1
                 if out is not None:

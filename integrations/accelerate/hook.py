@@ -31,6 +31,14 @@ DEFAULT_FILENAME = "cooled-step{step:08d}-cd{cooldown}"  # no '=': command-line 
 _DRIVEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
+def _inert(optimizer: torch.optim.Optimizer) -> bool:
+    """A step at LR 0 on zero gradients: how ``torch.distributed.checkpoint.state_dict.get_state_dict``
+    creates an empty optimizer's state (before a resume loads into it, and before the hook's state is)."""
+    groups = optimizer.param_groups
+    return all(float(g.get("lr", 1.0)) == 0.0 for g in groups) and not any(
+        bool(sharding.local(p.grad).any()) for g in groups for p in g["params"] if p.grad is not None)
+
+
 class CooldownHook:
     """Runs the main branch from ``schedule`` and forks cooldowns per ``plan`` in a hand-written loop.
 
@@ -223,7 +231,8 @@ class CooldownHook:
     @staticmethod
     def _pick_scaler(scalers: Sequence[Any], accelerator: Any, loss_path: bool) -> Any:
         """The enabled GradScaler the ``loss_fn`` path steps itself (plain loops), or ``None``."""
-        enabled = [s for s in scalers if all(callable(getattr(s, n, None)) for n in ("scale", "unscale_", "step", "update"))
+        enabled = [s for s in scalers
+                   if all(callable(getattr(s, n, None)) for n in ("scale", "unscale_", "step", "update"))
                    and (not callable(getattr(s, "is_enabled", None)) or s.is_enabled())]
         if not loss_path or not enabled:
             return None
@@ -281,6 +290,8 @@ class CooldownHook:
         if self._active is not None:
             self._active.pre_step(optimizer)
             return
+        if not optimizer.state and _inert(optimizer):
+            return  # a step that only creates the optimizer's state (torch DCP's get_state_dict): not training
         if not self._started:
             self._start()
         self._check_foreign_lr()
@@ -322,8 +333,9 @@ class CooldownHook:
         n, ga = self._forwards, self.gradient_accumulation_steps
         if self.loss_fn is not None and n > 0 and n != ga:
             self._warn("accumulation", f"Your loop ran {n} training forward passes before its first optimizer step, "
-                       f"but a fork's cooldown step runs {ga} micro-batch(es) (gradient_accumulation_steps={ga}). If your "
-                       f"loop accumulates {n} micro-batches per step, pass CooldownHook(gradient_accumulation_steps={n}) "
+                       f"but a fork's cooldown step runs {ga} micro-batch(es) (gradient_accumulation_steps={ga}). If "
+                       f"your loop accumulates {n} micro-batches per step, pass "
+                       f"CooldownHook(gradient_accumulation_steps={n}) "
                        "(the hook then divides the loss and steps every "
                        f"{n} micro-batches, also with an Accelerator left at 1).")
 
