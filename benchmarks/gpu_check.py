@@ -489,7 +489,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                 checks.append(fn(precision))
             except Exception as e:  # noqa: BLE001 - one failed check does not hide the others
                 checks.append(_failed(f"{name} {precision}", e, framework=name, precision=precision))
-    checks.append(check_hook("cuda", "fp32", storage="device"))
+    try:
+        checks.append(check_hook("cuda", "fp32", storage="device"))
+    except Exception as e:  # noqa: BLE001
+        checks.append(_failed("hook fp32 (device snapshot)", e, framework="hook", precision="fp32"))
     checks += run_sharded_part(tmp)
     width, layers, reps = (1024, 4, 3) if args.quick else (2048, 8, 5)
     cost = snapshot_cost(width, layers, reps)
