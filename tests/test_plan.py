@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import _reference_schedules as reference
 from cooldown_callbacks import WSD, Cooldown, ForkPlan
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.records import ForkRecord, append_record, read_records
@@ -70,8 +71,9 @@ def test_engine_should_fork_skips_completed_and_respects_eval(tmp_path):
 def test_engine_continue_windows_follow_the_wsds_schedule(tmp_path):
     cd = Cooldown(steps=3, shape="linear")
     eng = ForkEngine(ForkPlan(every=10, cooldown=cd, mode="continue", rewarm_steps=2), WSD(2), tmp_path)
-    ref = WSD(2).with_cooldowns(at=[10, 20, 30], cooldown=cd, rewarm_steps=2)
-    assert [eng.main_multiplier(t) for t in range(40)] == [ref(t) for t in range(40)]
+    # the reference WSD-S schedule, written from the documented formula (no library schedule code)
+    wsds = reference.wsds(reference.main_schedule("WSD", 2), [10, 20, 30], lambda s: 3, "linear", rewarm=2)
+    assert [eng.main_multiplier(t) for t in range(40)] == [wsds(t) for t in range(40)]
     assert [s for s in range(40) if eng.continue_due(s) is not None] == [13, 23, 33]
     ev = ForkEngine(ForkPlan(on_eval=True, cooldown=Cooldown(fraction=0.2, shape="linear"), mode="continue"),
                     WSD(0), tmp_path, eval_every=50)
