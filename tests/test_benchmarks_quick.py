@@ -127,6 +127,12 @@ def test_fork_vs_manual_quick(tmp_path):
     size = data["sizes"][0]
     assert size["all_same_val_loss"] and len(size["points"]) == 1
     assert {"startup_s", "data_s", "build_s", "load_s", "cooldown_s", "eval_s", "save_s"} <= size["manual"].keys()
+    cols, over = table(data, 2)
+    assert cols[5] == "CPU ratio [95% CI]" and len(over) == 1
+    o = size["fork_overhead"]
+    assert o["steps"] == 3 and len(o["fork_cpu_s"]) == len(o["bare_cpu_s"]) == o["rounds"] == 2
+    for key in ("cpu_ratio", "wall_ratio"):
+        assert 0 < o[key]["ci95"][0] <= o[key]["value"] <= o[key]["ci95"][1]
 
 
 @pytest.mark.parametrize("setting", ["small", "regime"])
