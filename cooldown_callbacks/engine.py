@@ -29,6 +29,7 @@ from .records import (RECORDS_NAME, ForkRecord, append_record, aside_path, fsync
                       replace_path)
 from .schedules import Cooldown, Schedule, wsds_value
 from .signals import _Interrupted, _SignalGuard
+from .snapshot import capture_rng, restore_rng
 
 __all__ = ["ForkEngine", "ForkRunner", "ForkError", "check_writable_dir"]
 
@@ -41,7 +42,9 @@ class ForkRunner(Protocol):
     """What an adapter provides to run one branch-mode fork.
 
     Optional: ``nonfinite_grad_step() -> int | None``, the first fork step whose gradients were not
-    finite (checked before each cooldown update), so the fork fails with that reason and step.
+    finite (checked before each cooldown update), so the fork fails with that reason and step; a
+    ``data_source`` attribute (set by ``begin``) saying where the cooldown batches come from, kept in
+    the record (see :class:`~cooldown_callbacks.records.ForkRecord`).
     """
 
     def snapshot(self) -> Any: ...  # noqa: D102 - an object with .restore() and .close()
@@ -200,6 +203,28 @@ class ForkEngine:
     def checkpoint_path(self, step: int, c: int, suffix: str = "") -> Path:
         return self.dirpath / (self.filename.format(step=step, cooldown=c) + suffix)
 
+    def other_runs(self) -> list[str]:
+        """Ids of other runs whose records are in ``dirpath`` (rank zero reads the file)."""
+        try:
+            runs = {str(r.get("run")) for r in read_records(self.dirpath / RECORDS_NAME) if r.get("run")}
+        except OSError:
+            return []
+        return sorted(runs - {self.run_id})
+
+    def claim_dirpath(self, argument: str = "dirpath") -> None:
+        """Refuse a ``dirpath`` that holds another run's records (call before the first step, on rank zero).
+
+        A fresh run writing there would replace that run's cooled checkpoints while its records
+        still describe them. A resumed run (same run id, from the checkpoint's state) continues in place.
+        """
+        others = self.other_runs()
+        if others:
+            raise ValueError(
+                f"Invalid {argument} ({str(self.dirpath)!r}): it holds the cooled models and {RECORDS_NAME} of "
+                f"another run (run {others[-1][:8]}); this new run would overwrite them while those records "
+                f"still point at them. Give a new {argument}, resume that run from its checkpoint, or move "
+                f"the folder away.")
+
     def fork(self, step: int, runner: ForkRunner, *, suffix: str = "", main_metrics: dict | None = None) -> ForkRecord:
         """Run a branch-mode fork after ``step`` completed steps; the main branch is restored after.
 
@@ -222,6 +247,7 @@ class ForkEngine:
         guard = _SignalGuard(enabled=self.world_size == 1)
         try:
             snap = runner.snapshot()
+            rng_at_fork = capture_rng()
         except BaseException:
             guard.release()
             raise
@@ -237,7 +263,7 @@ class ForkEngine:
         try:
             try:
                 guard.arm()
-                self._run_fork(step, c, runner, rec, suffix)
+                self._run_fork(step, c, runner, rec, suffix, rng_at_fork)
             finally:
                 guard.hold()  # from here on a signal waits until the main branch is back
         except (Exception, _Interrupted) as e:  # noqa: BLE001 - recorded, then re-raised if asked
@@ -261,11 +287,12 @@ class ForkEngine:
         self._raise_if_needed(error, rec, f"fork at step {step}")
         return rec
 
-    def _run_fork(self, step: int, c: int, runner: ForkRunner, rec: ForkRecord, suffix: str) -> None:
+    def _run_fork(self, step: int, c: int, runner: ForkRunner, rec: ForkRecord, suffix: str, rng_at_fork: dict) -> None:
         """The fork's body: cooldown steps, checks, evaluation, atomic save (the caller restores)."""
         base, at_fork = runner.base_lrs(), runner.current_lrs()
         rec.lr = float(self.fork_lrs(step, 0, c, base, at_fork)[0]) if at_fork else None
         runner.begin(step, c)
+        rec.data = getattr(runner, "data_source", None)
         bad_step = None
         for k in range(c):
             loss = runner.train_step(self.fork_lrs(step, k, c, base, at_fork))
@@ -274,11 +301,23 @@ class ForkEngine:
         bad_grad = runner.nonfinite_grad_step() if hasattr(runner, "nonfinite_grad_step") else None
         if runner.any_rank(bad_step is not None or bad_grad is not None):
             raise ForkError(_nonfinite_message(bad_step, bad_grad))
-        self._evaluate_and_save(runner, rec, suffix)
+        self._evaluate_and_save(runner, rec, suffix, rng_at_fork)
 
-    def _evaluate_and_save(self, runner: ForkRunner, rec: ForkRecord, suffix: str) -> None:
-        """Evaluate the cooled model, refuse non-finite metrics, save it atomically, fill ``rec``."""
-        metrics = runner.evaluate()
+    def _evaluate_and_save(self, runner: ForkRunner, rec: ForkRecord, suffix: str, rng: dict | None = None) -> None:
+        """Evaluate the cooled model, refuse non-finite metrics, save it atomically, fill ``rec``.
+
+        The evaluation draws its random numbers from ``rng`` (a branch fork: the RNG state at the fork
+        point, so an evaluation that samples random batches sees the same ones as the main branch's
+        evaluation at that step), or from the current state (continue mode); either way the RNG state
+        after it is the one before it, so the evaluation never moves the training's random stream.
+        """
+        after = capture_rng()
+        if rng is not None:
+            restore_rng(rng)
+        try:
+            metrics = runner.evaluate()
+        finally:
+            restore_rng(after)
         bad = [k for k, v in metrics.items() if not _finite(v)]
         if bad:
             raise ForkError(f"non-finite evaluation metric(s) of the cooled model: {', '.join(bad)}")
@@ -315,6 +354,7 @@ class ForkEngine:
         obj = dict(found) if found is not None else ForkRecord(
             step=step, cooldown_steps=c, shape=self.plan.cooldown.shape_name, run=self.run_id,
             error="finished before the restart (see rank 0's records)").to_json()
+        obj["restored"] = True  # in memory only: adapters report it as taken back, and publish its metrics once
         self.completed.add(step)
         self.records.append(obj)
         self.grad_norms = []

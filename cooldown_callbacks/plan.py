@@ -21,8 +21,8 @@ ON_FORK_ERROR = ("record", "raise")
 class ForkPlan:
     """When to fork a cooldown, and how.
 
-    Triggers (give at most one of ``every``, ``at``, ``geometric``; with none of them the plan forks
-    at the framework's own evaluation points, ``on_eval=True``):
+    Triggers (give at most one of ``every``, ``at``, ``geometric``; with none of them, and without
+    ``at_end=True``, the plan forks at the framework's own evaluation points, ``on_eval=True``):
 
     - ``every=N``: after every ``N`` completed optimizer steps (``N, 2N, ...``).
     - ``at=[s1, s2, ...]``: after exactly these step counts.
@@ -48,6 +48,8 @@ class ForkPlan:
     [1000, 2000, 3000]
     >>> ForkPlan(geometric=(100, 2)).fork_steps(1000)
     [100, 200, 400, 800]
+    >>> ForkPlan(at_end=True).on_eval, ForkPlan().on_eval
+    (False, True)
     """
 
     every: int | None = None
@@ -68,7 +70,8 @@ class ForkPlan:
         if len(given) > 1:
             raise ValueError(f"Invalid ForkPlan: give at most one of every, at, geometric (got {', '.join(given)}).")
         if self.on_eval is None:
-            object.__setattr__(self, "on_eval", not given)
+            # at_end=True alone means only the end: on_eval is the default trigger only when no other is given
+            object.__setattr__(self, "on_eval", not given and not self.at_end)
         elif self.on_eval and given:
             raise ValueError(f"Invalid ForkPlan: on_eval=True cannot be combined with {given[0]}=; pick one trigger.")
         elif not self.on_eval and not given and not self.at_end:

@@ -4,7 +4,8 @@ Every fork appends one JSON object per line to ``<dirpath>/forks.jsonl``:
 
 ``{"step": 1000, "cooldown_steps": 250, "shape": "1-sqrt", "mode": "branch", "status": "ok",
 "metrics": {"val_loss": 1.52}, "main_metrics": {"val_loss": 1.71}, "checkpoint": "cooled-...",
-"seconds": 12.3, "lr": 0.001, "error": null, "grad_norms": null, "time": 1732300000.0, "run": "9f1c..."}``
+"seconds": 12.3, "lr": 0.001, "error": null, "grad_norms": null, "time": 1732300000.0, "run": "9f1c...",
+"data": "peek", "restored": false}``
 
 ``status`` is ``"ok"`` or ``"failed"`` (then ``error`` says why). ``main_metrics`` holds the main
 branch's metrics at the fork step when the adapter has them (e.g. the evaluation at that step).
@@ -13,6 +14,10 @@ are appended as ``{"type": "main_metrics", "step": ..., "main_metrics": {...}}``
 :func:`read_records` merges into the record. ``grad_norms`` holds the main branch's per-step gradient norms since the previous fork when
 ``ForkPlan(record_grad_norms=True)``. ``run`` identifies the training run (kept across resumes):
 a resumed run recognises the forks it finished before a crash and does not run them again.
+``data`` says where the cooldown batches came from (``"peek"``: the main branch's upcoming batches;
+``"fresh"``: a separate seeded loader; ``"iterable"``/``"callable"``: the user's own stream; adapters
+may add detail, e.g. ``"fresh (stream restarted from its beginning)"``). ``restored`` is true only in
+memory, for a record that a resumed run took back from the file instead of running the fork again.
 Lines are appended with a single ``write`` + ``fsync``; a
 reader skips a torn last line. Checkpoints are written under a temporary name and renamed.
 """
@@ -69,6 +74,8 @@ class ForkRecord:
     grad_norms: list | None = None
     time: float = 0.0
     run: str | None = None
+    data: str | None = None
+    restored: bool = False
 
     def to_json(self) -> dict:
         return _jsonable(asdict(self))

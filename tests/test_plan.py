@@ -26,6 +26,8 @@ def test_default_plan_forks_on_eval_with_hagele_cooldown():
     p = ForkPlan()
     assert p.on_eval is True and p.cooldown == Cooldown(fraction=0.2, shape="1-sqrt") and p.mode == "branch"
     assert ForkPlan(every=5).on_eval is False
+    # at_end=True alone means only the end, not every evaluation
+    assert ForkPlan(at_end=True).on_eval is False and ForkPlan(at_end=True, on_eval=True).on_eval is True
 
 
 @pytest.mark.parametrize("kwargs,match", [
