@@ -263,11 +263,11 @@ def plan_configs(draw) -> tuple[dict, dict, list[int] | None]:
     elif trigger == "geometric":
         kw["geometric"] = (draw(st.integers(1, 50)), draw(st.floats(1.05, 3.0)))
         expected = geometric_steps(*kw["geometric"], HORIZON)
-    elif trigger == "on_eval":
-        kw.update(draw(st.sampled_from([{}, {"on_eval": True}])))
+    elif trigger == "on_eval":  # the default trigger, unless at_end=True is the only one given
+        kw.update(draw(st.sampled_from([{"at_end": False}, {"on_eval": True, "at_end": draw(st.booleans())}])))
     else:
-        kw.update(on_eval=False, at_end=True)
-    if trigger != "at_end":
+        kw.update(draw(st.sampled_from([{"at_end": True}, {"on_eval": False, "at_end": True}])))
+    if trigger not in ("on_eval", "at_end"):
         kw["at_end"] = draw(st.booleans())
     return kw, ckw, expected
 
