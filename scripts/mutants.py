@@ -46,8 +46,10 @@ import sys
 import tempfile
 import time
 import tomllib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Queue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -241,6 +243,24 @@ def _failed_tests(output: str) -> list[str]:
             for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
 
 
+def _run_fault(copy: Path, fault: Fault, each: bool, timeout: float) -> tuple[bool, str, float]:
+    """Apply ``fault`` to ``copy``, run its tests (one run, or one per test with ``each``), put the files back."""
+    sources = mutated_sources(copy, fault)
+    groups = [[t] for t in fault.tests] if each else [fault.tests]
+    verdicts, secs = [], 0.0
+    try:
+        for rel, (_, text) in sources.items():
+            (copy / rel).write_text(text)
+        for group in groups:
+            code, output, s = run_pytest(copy, group, timeout)
+            secs += s
+            verdicts.append(_verdict(code, output, s, group))
+    finally:
+        for rel, (original, _) in sources.items():
+            (copy / rel).write_text(original)
+    return all(ok for ok, _ in verdicts), "; ".join(v for _, v in verdicts), secs
+
+
 def _verdict(code: int | None, output: str, secs: float, tests: list[str]) -> tuple[bool, str]:
     """(caught?, what happened) for one pytest run of a fault's tests."""
     if code is None:
@@ -262,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=300, help="seconds per pytest run (default 300)")
     ap.add_argument("--each", action="store_true", help="run every named test of a fault on its own; each must "
                     "catch it (default: the fault is caught when its first failing test fails)")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary copy (its path is printed)")
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                    help="faults run in parallel, each in its own copy (default: the CPU count, at most 4)")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary copies (their path is printed)")
     args = ap.parse_args(argv)
     known = {f.name: f for f in FAULTS}
     unknown = [n for n in args.faults if n not in known]
@@ -288,50 +310,54 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     tmp = Path(tempfile.mkdtemp(prefix="cooldown-mutants-"))
-    copy = tmp / "repo"
+    jobs = max(1, min(args.jobs, len(faults)))
+    copies = [tmp / f"repo{i}" for i in range(jobs)]  # one copy per worker: a fault is applied in place
     t_all = time.perf_counter()
+    rows: dict[str, tuple[str, float]] = {}
+    survived: list[str] = []
     try:
-        make_copy(ROOT, copy)
-        check_imports(copy)
+        for copy in copies:
+            make_copy(ROOT, copy)
+            check_imports(copy)
         tests = list(dict.fromkeys(t for f in faults for t in f.tests))
-        print(f"mutants: {len(faults)} faults, copy in {copy}; baseline: {len(tests)} test nodes on the unmodified "
-              "copy ...", flush=True)
-        code, output, secs = run_pytest(copy, tests, args.timeout * 2, stop_first=False)
-        if code != 0:
-            print(output[-6000:], file=sys.stderr)
-            print(f"mutants: the baseline (the faults' tests on the unmodified copy) did not pass (exit {code}): a "
-                  "failing test catches nothing", file=sys.stderr)
-            return 1
-        print(f"mutants: baseline passed in {secs:.0f}s", flush=True)
-        rows, survived = [], []
-        for fault in faults:
-            sources = mutated_sources(copy, fault)
-            groups = [[t] for t in fault.tests] if args.each else [fault.tests]
-            verdicts, secs = [], 0.0
+        print(f"mutants: {len(faults)} faults, {jobs} worker(s), copies in {tmp}; baseline: {len(tests)} test nodes "
+              "on the unmodified copies ...", flush=True)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(jobs) as pool:
+            baseline = list(pool.map(lambda i: run_pytest(copies[i], tests[i::jobs], args.timeout * 2, False),
+                                     range(jobs)))
+        for code, output, _ in baseline:
+            if code != 0:
+                print(output[-6000:], file=sys.stderr)
+                print(f"mutants: the baseline (the faults' tests on the unmodified copy) did not pass (exit {code}): "
+                      "a failing test catches nothing", file=sys.stderr)
+                return 1
+        print(f"mutants: baseline passed in {time.perf_counter() - t0:.0f}s", flush=True)
+        free: Queue = Queue()
+        for copy in copies:
+            free.put(copy)
+
+        def run_fault(fault: Fault) -> None:
+            copy = free.get()
             try:
-                for rel, (_, text) in sources.items():
-                    (copy / rel).write_text(text)
-                for group in groups:
-                    code, output, s = run_pytest(copy, group, args.timeout)
-                    secs += s
-                    verdicts.append(_verdict(code, output, s, group))
+                caught, verdict, secs = _run_fault(copy, fault, args.each, args.timeout)
             finally:
-                for rel, (original, _) in sources.items():
-                    (copy / rel).write_text(original)
-            caught = all(ok for ok, _ in verdicts)
+                free.put(copy)
+            rows[fault.name] = (verdict, secs)
             if not caught:
                 survived.append(fault.name)
-            verdict = "; ".join(v for _, v in verdicts)
-            rows.append((fault.name, verdict, secs))
             print(f"  {fault.name:<30} {verdict}  [{secs:.0f}s]", flush=True)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(run_fault, faults))
     finally:
         if args.keep:
-            print(f"mutants: copy kept in {copy}")
+            print(f"mutants: copies kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     print(f"mutants: {len(rows) - len(survived)} of {len(rows)} faults caught in {time.perf_counter() - t_all:.0f}s")
     if survived:
-        print(f"mutants: NOT CAUGHT: {', '.join(survived)}", file=sys.stderr)
+        print(f"mutants: NOT CAUGHT: {', '.join(f.name for f in faults if f.name in survived)}", file=sys.stderr)
         return 1
     return 0
 
