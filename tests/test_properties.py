@@ -295,8 +295,9 @@ def test_fork_plan_triggers_and_engine_decisions_follow_the_documented_rules():
         if plan.mode == "branch":
             if plan.on_eval:  # forks exactly where the framework evaluates
                 assert all(engine.should_fork(s, evaluating=True) and not engine.should_fork(s) for s in steps)
-            else:
+            else:  # exactly at the trigger's steps, evaluating or not
                 assert [s for s in steps if engine.should_fork(s)] == (expected or [])
+                assert [s for s in steps if engine.should_fork(s, evaluating=True)] == (expected or [])
             done = (expected or [eval_every])[0]
             engine.completed.add(done)
             assert not engine.should_fork(done, evaluating=True)
