@@ -192,8 +192,12 @@ def make_copy(root: Path, dest: Path) -> None:
     """Copy the repository's files (tracked, and untracked but not ignored) to ``dest``; map the
     setuptools ``package-dir`` entries (e.g. ``cooldown_callbacks.integrations`` -> ``integrations/``)
     with symlinks, so ``PYTHONPATH=dest`` imports the whole package from the copy."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                           capture_output=True, check=True).stdout.decode().split("\0")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True)
+    if listed.returncode != 0:
+        raise SystemExit(f"mutants: cannot list the repository's files with git ({listed.stderr.decode().strip()}); "
+                         "run it from a git checkout")
+    files = listed.stdout.decode().split("\0")
     for rel in filter(None, files):
         src = root / rel
         if src.is_file():
