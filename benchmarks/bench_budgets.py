@@ -275,8 +275,8 @@ def describe_grid(initial: Sequence[float], final: Sequence[float], extensions: 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = base_parser(__doc__)
     ap.add_argument("--setting", choices=sorted(SETTINGS), default="small",
-                    help="task preset: 'small' (137k params, T <= 1000; results bench_budgets.*) or 'regime' (closer to "
-                         "the papers' regime; results bench_budgets_regime.*); the options below override it")
+                    help="task preset: 'small' (137k params, T <= 1000; results bench_budgets.*) or 'regime' "
+                         "(closer to the papers' regime; results bench_budgets_regime.*); options below override it")
     ap.add_argument("--budgets", default=None, help="total steps T of each cooled / cosine run")
     ap.add_argument("--lrs", default=None, help="initial base LR grid (the same for cosine and WSD); it is extended "
                     "by factors of 2 on the side where a best LR sits at the edge")
