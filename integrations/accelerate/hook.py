@@ -45,6 +45,11 @@ class CooldownHook:
         save_fn: ``save_fn(model, path)`` writing the cooled model (default: the unwrapped
             ``state_dict`` with ``torch.save``, ``.pt``).
         snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``.
+        max_steps, eval_every: the run's horizon and (for ``on_eval`` plans) evaluation interval, if
+            known: the hook then prints what the plan adds (:meth:`ForkPlan.cost`) on rank 0.
+
+    A plan with several cooldowns runs each from the restored main branch at every fork point;
+    ``step()`` returns the last one's record, ``records`` has all of them.
     """
 
     def __init__(
@@ -70,6 +75,8 @@ class CooldownHook:
         save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
         snapshot_storage: str = "cpu",
         verbose: bool = True,
+        max_steps: int | None = None,
+        eval_every: int | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"Invalid model ({type(model).__name__}): must be a torch.nn.Module.")
@@ -127,6 +134,9 @@ class CooldownHook:
             g.setdefault("initial_lr", g["lr"])
         self._handles = [_inner(o).register_step_pre_hook(self._pre_step) for o in optimizers]
         self._apply_main_lr()
+        cost = self.engine.cost_line(max_steps, eval_every)
+        if cost is not None and self.verbose and self.rank == 0:
+            print(f"[cooldown] {cost}", flush=True)
 
     # -- LR ----------------------------------------------------------------------------------
     @property
@@ -162,8 +172,8 @@ class CooldownHook:
         rec = None
         suffix = ".pt" if self.save_fn is None else ""
         if self.engine.should_fork(t, evaluating=evaluating):
-            rec = self.engine.fork(t, _HookRunner(self), suffix=suffix, main_metrics=metrics)
-            self._report(rec)
+            for rec in self.engine.fork_point(t, _HookRunner(self), suffix=suffix, main_metrics=metrics):
+                self._report(rec)
         else:
             start = self.engine.continue_due(t)
             if start is not None:
@@ -180,8 +190,10 @@ class CooldownHook:
         plan = self.engine.plan
         if not plan.at_end or t <= 0 or t in self.engine.completed:
             return None
-        rec = self.engine.fork(t, _HookRunner(self), suffix=".pt" if self.save_fn is None else "", main_metrics=metrics)
-        self._report(rec)
+        rec = None
+        for rec in self.engine.fork_point(t, _HookRunner(self), suffix=".pt" if self.save_fn is None else "",
+                                          main_metrics=metrics):
+            self._report(rec)
         return rec
 
     def record_grad_norm(self, norm: float | torch.Tensor) -> None:
@@ -217,9 +229,13 @@ class CooldownHook:
 
     def _report(self, rec: ForkRecord) -> None:
         if self.verbose and self.rank == 0:
+            if rec.status == "skipped":
+                print(f"[cooldown] step {rec.step}: skipped ({rec.reason})", flush=True)
+                return
             m = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.metrics.items())
             status = m if rec.status == "ok" else f"FAILED ({rec.error})"
-            print(f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}) -> {status} "
+            label = f" [{rec.label}]" if rec.label else ""
+            print(f"[cooldown] step {rec.step}{label}: {rec.cooldown_steps} cooldown steps ({rec.shape}) -> {status} "
                   f"in {rec.seconds:.1f}s", flush=True)
 
     _Runner = _HookRunner  # the engine's view of this hook for one fork
