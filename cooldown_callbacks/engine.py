@@ -184,12 +184,10 @@ class ForkEngine:
     def cost_line(self, max_steps: int | None, eval_every: int | None = None) -> str | None:
         """One line saying what the plan adds up to ``max_steps`` (``None`` when the horizon or, for an
         ``on_eval`` plan, the evaluation interval is unknown): adapters log it at the start of training."""
-        if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps <= 0:
+        horizon, every = _whole(max_steps), _whole(eval_every if eval_every is not None else self.eval_every)
+        if horizon is None or (self.plan.on_eval and every is None):
             return None
-        every = eval_every if eval_every is not None else self.eval_every
-        if self.plan.on_eval and not every:
-            return None
-        return str(self.plan.cost(max_steps, eval_every=every if self.plan.on_eval else None))
+        return str(self.plan.cost(horizon, eval_every=every if self.plan.on_eval else None))
 
     def should_fork(self, step: int, evaluating: bool = False) -> bool:
         """Branch mode: fork after ``step`` completed steps?"""
@@ -582,6 +580,15 @@ class ForkEngine:
             self.run_id = str(state["run"])
             self._resumed = True
             self._on_disk = None
+
+
+def _whole(x: Any) -> int | None:
+    """A positive whole number of steps (``20.0`` counts), else ``None``."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if math.isfinite(v) and v >= 1 and v.is_integer() and not isinstance(x, bool) else None
 
 
 def _floats(metrics: dict | None) -> dict:

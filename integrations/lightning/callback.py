@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from cooldown_callbacks.data import is_stateful_loader
@@ -63,6 +64,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 
+def _horizon(trainer: pl.Trainer) -> int | None:
+    """The optimizer steps this fit will run (``max_steps``, or what ``max_epochs`` gives), if known."""
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    try:
+        n = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - an unknown horizon only means no cost line
+        return None
+    return int(n) if isinstance(n, (int, float)) and math.isfinite(n) and n > 0 else None
+
+
 class CooldownCallback(Callback):
     """Drive the main-branch LR from ``schedule`` and fork cooldown-to-zero runs per ``plan``.
 
@@ -75,7 +87,8 @@ class CooldownCallback(Callback):
             ``<trainer.default_root_dir>/cooled``).
         filename: checkpoint name with ``{step}`` (fork step) and ``{cooldown}`` (its length);
             ``.ckpt`` is appended.
-        prefix: prefix of the cooled metrics in the loggers and ``trainer.callback_metrics``.
+        prefix: prefix of the cooled metrics in the loggers and ``trainer.callback_metrics``; with
+            several cooldowns per fork point their label follows (``cooldown/50steps/val_loss``).
         save_weights_only: save only the weights (``trainer.save_checkpoint(weights_only=True)``).
         snapshot_storage: where the main branch's copy lives during a fork: ``"cpu"``, ``"device"``
             or ``"disk"``.
@@ -238,6 +251,9 @@ class CooldownCallback(Callback):
                     f"Invalid plan: ForkPlan(data={plan.data!r}) builds a separate loader with the train loader's "
                     "batch size, which it does not have; pass ForkPlan(data=<iterable of batches>).")
         self._apply_main_lr(trainer)
+        cost = self.engine.cost_line(_horizon(trainer), _eval_every_steps(trainer) if plan.on_eval else None)
+        if cost is not None and self.verbose:
+            rank_zero_info(f"CooldownCallback: {cost}")
 
     # -- LR ----------------------------------------------------------------------------------
     def _groups(self, trainer: pl.Trainer) -> list[dict]:
@@ -350,13 +366,19 @@ class CooldownCallback(Callback):
 
     # -- running a fork ----------------------------------------------------------------------
     def _fork(self, trainer: pl.Trainer, step: int, from_validation: bool = False) -> ForkRecord:
-        rec = self.engine.fork(step, _Runner(self, trainer, from_validation=from_validation), suffix=".ckpt")
-        self._after(trainer, rec, log_step=step)
-        return rec
+        recs = self.engine.fork_point(step, _Runner(self, trainer, from_validation=from_validation), suffix=".ckpt")
+        for rec in recs:
+            self._after(trainer, rec, log_step=step)
+        return recs[-1]
 
     def _after(self, trainer: pl.Trainer, rec: ForkRecord, log_step: int) -> None:
+        prefix = self.prefix + (f"{rec.label}/" if rec.label else "")
         if rec.status == "ok" and rec.metrics:
-            _publish_metrics(trainer, {self.prefix + k: v for k, v in rec.metrics.items()}, log_step)
+            _publish_metrics(trainer, {prefix + k: v for k, v in rec.metrics.items()}, log_step)
+        if rec.status == "skipped":
+            if self.verbose and trainer.is_global_zero:
+                self._print(trainer, f"[cooldown] step {rec.step}: skipped ({rec.reason})")
+            return
         if rec.status != "ok":
             rank_zero_warn(f"CooldownCallback: the fork at step {rec.step} failed and was recorded; the main branch "
                            f"goes on unchanged. {rec.error}")
@@ -364,7 +386,7 @@ class CooldownCallback(Callback):
             if rec.status == "ok":
                 m = rec.metrics.get("val_loss")
                 name = "val_loss" if m is not None else next(iter(rec.metrics), None)
-                shown = f"{self.prefix}{name}={rec.metrics[name]:.4f}" if name is not None else "no metrics"
+                shown = f"{prefix}{name}={rec.metrics[name]:.4f}" if name is not None else "no metrics"
             else:
                 shown = f"FAILED ({rec.error})"
             self._print(trainer, f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}, "
