@@ -23,58 +23,16 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 from .plan import ForkPlan
-from .records import (RECORDS_NAME, ForkRecord, append_record, aside_path, fsync_path, read_records,
-                      relative_checkpoint, remove_path, replace_path)
+from .records import RECORDS_NAME, ForkRecord, append_record, read_records, relative_checkpoint
+from .runner import ForkError, ForkRunner, check_writable_dir, checkpoint_pattern, save_cooled
 from .schedules import Cooldown, Schedule, wsds_value
 from .signals import _Interrupted, _SignalGuard
 from .snapshot import capture_rng, restore_rng
 
 __all__ = ["ForkEngine", "ForkRunner", "ForkError", "check_writable_dir"]
-
-
-class ForkError(RuntimeError):
-    """A fork failed (non-finite loss or metric, or an error inside the fork)."""
-
-
-class ForkRunner(Protocol):
-    """What an adapter provides to run one branch-mode fork.
-
-    Optional: ``nonfinite_grad_step() -> int | None``, the first fork step whose gradients were not
-    finite (checked before each cooldown update), so the fork fails with that reason and step; a
-    ``data_source`` attribute (set by ``begin``) saying where the cooldown batches come from, kept in
-    the record (see :class:`~cooldown_callbacks.records.ForkRecord`).
-    """
-
-    def snapshot(self) -> Any: ...  # noqa: D102 - an object with .restore() and .close()
-    def current_lrs(self) -> list[float]: ...  # noqa: D102 - LR of every param group, all optimizers
-    def base_lrs(self) -> list[float]: ...  # noqa: D102 - the base LR of every param group
-    def begin(self, step: int, cooldown_steps: int) -> None: ...  # noqa: D102
-    def train_step(self, lrs: Sequence[float]) -> float | None: ...  # noqa: D102 - one optimizer step
-    def evaluate(self) -> dict: ...  # noqa: D102 - metrics of the cooled model (reduced over ranks)
-    def save(self, path: Path) -> None: ...  # noqa: D102 - write the cooled model to `path` (all ranks call)
-    def end(self) -> None: ...  # noqa: D102 - undo what begin() set up
-    def any_rank(self, flag: bool) -> bool: ...  # noqa: D102 - True if flag is True on some rank
-    def barrier(self) -> None: ...  # noqa: D102
-
-
-def check_writable_dir(dirpath: str | os.PathLike, argument: str = "dirpath") -> Path:
-    """Create ``dirpath`` and prove it is writable, or raise ``ValueError`` naming ``argument``."""
-    d = Path(dirpath)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write-test-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"x")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"Invalid {argument} ({str(d)!r}): cannot write there ({e.strerror or e}); "
-                         f"choose a writable directory with free space.") from e
-    return d
 
 
 def _finite(x: Any) -> bool:
@@ -197,29 +155,7 @@ class ForkEngine:
 
     def window(self, t: int) -> tuple[int, int] | None:
         """Continue mode: ``(start, c)`` of the latest cooldown window that started at or before ``t``."""
-        plan = self.plan
-        if plan.on_eval:
-            if not self.eval_every:
-                return None
-            e_next = (t // self.eval_every + 1) * self.eval_every
-            c = _length_ending_at(plan.cooldowns[0], e_next)
-            if e_next - c <= t:
-                return e_next - c, c
-            e_prev = (t // self.eval_every) * self.eval_every
-            if e_prev <= 0:
-                return None
-            c = _length_ending_at(plan.cooldowns[0], e_prev)
-            return e_prev - c, c
-        if plan.every is not None:
-            s = (t // plan.every) * plan.every
-        else:
-            starts = plan.fork_steps(t)
-            if not starts:
-                return None
-            s = starts[-1]
-        if s <= 0:
-            return None
-        return s, plan.cooldowns[0].length(s)
+        return self.plan.window(t, self.eval_every)
 
     def continue_due(self, step: int) -> int | None:
         """Continue mode: the start of a window whose cooldown ended exactly at ``step``, else None."""
@@ -235,19 +171,8 @@ class ForkEngine:
 
     # -- running -----------------------------------------------------------------------------
     def _pattern(self) -> str:
-        """The checkpoint name pattern for the current plan: ``filename``, extended when the plan's
-        cooldowns would otherwise share names (see the class docstring)."""
-        cds = self.plan.cooldowns
-        f = self.filename
-        if len(cds) == 1 or "{label" in f:
-            return f
-        shapes_differ = len({c.shape_name for c in cds}) == len(cds)
-        if "{shape" in f and shapes_differ:
-            return f
-        steps = [c.steps for c in cds]
-        if "{cooldown" in f and None not in steps and len(set(steps)) == len(steps):
-            return f  # fixed lengths that differ: the {cooldown} field tells them apart at every step
-        return f + ("-{shape}" if shapes_differ else "-{label}")
+        """The checkpoint name pattern for the current plan (see :func:`~cooldown_callbacks.runner.checkpoint_pattern`)."""
+        return checkpoint_pattern(self.filename, self.plan.cooldowns)
 
     def checkpoint_path(self, step: int, c: int, suffix: str = "", cooldown: Cooldown | None = None,
                         label: str | None = None) -> Path:
@@ -494,35 +419,7 @@ class ForkEngine:
         return rec
 
     def _save(self, runner: ForkRunner, path: Path) -> None:
-        """All ranks write to a temporary name; rank zero renames it into place.
-
-        A failed write leaves nothing behind (the temporary is removed: a full disk stays usable);
-        a finished checkpoint already under ``path`` is replaced atomically, never deleted first
-        (a folder is moved aside in one rename, then removed: a kill never leaves half of it).
-        """
-        tmp = path.parent / f".{path.name}.tmp"
-        if self.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_path(tmp)
-            remove_path(aside_path(path))  # left by a kill between moving a finished folder aside and replacing it
-        runner.barrier()
-        try:
-            runner.save(tmp)
-            runner.barrier()
-            if self.is_global_zero:
-                if not tmp.exists():
-                    raise ForkError(f"the cooled checkpoint was not written to {tmp}")
-                fsync_path(tmp)
-                replace_path(tmp, path)
-                fsync_path(path.parent, files=False)
-        except BaseException:
-            if self.is_global_zero:
-                try:
-                    remove_path(tmp)
-                except OSError:
-                    pass
-            raise
-        runner.barrier()
+        save_cooled(runner, path, self.is_global_zero)
 
     def _finish(self, rec: ForkRecord, done: bool = True) -> None:
         """Keep ``rec`` (in memory with the checkpoint's path, in the file relative to the file)."""
@@ -608,9 +505,3 @@ def _nonfinite_message(loss_step: int | None, grad_step: int | None) -> str:
         return f"non-finite training loss in the cooldown (first at step {loss_step} on this rank)"
     return "non-finite training loss or gradient in the cooldown on another rank"
 
-
-def _length_ending_at(cd: Cooldown, end: int) -> int:
-    """Cooldown length for a continue-mode window that must end at step ``end``."""
-    if cd.steps is not None:
-        return min(cd.steps, end)
-    return max(1, min(end, int(round(cd.fraction * end))))

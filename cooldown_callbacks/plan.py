@@ -259,6 +259,36 @@ class ForkPlan:
             return self._geometric_until(until)
         return []
 
+    def window(self, t: int, eval_every: int | None = None) -> tuple[int, int] | None:
+        """``mode="continue"``: ``(start, c)`` of the latest cooldown window that started at or before ``t``.
+
+        Step triggers start a window at each fork step; ``on_eval`` windows *end* at each evaluation
+        (every ``eval_every`` steps; ``None`` without it).
+        """
+        cd = self.cooldowns[0]
+        if self.on_eval:
+            if not eval_every:
+                return None
+            e_next = (t // eval_every + 1) * eval_every
+            c = _length_ending_at(cd, e_next)
+            if e_next - c <= t:
+                return e_next - c, c
+            e_prev = (t // eval_every) * eval_every
+            if e_prev <= 0:
+                return None
+            c = _length_ending_at(cd, e_prev)
+            return e_prev - c, c
+        if self.every is not None:
+            s = (t // self.every) * self.every
+        else:
+            starts = self.fork_steps(t)
+            if not starts:
+                return None
+            s = starts[-1]
+        if s <= 0:
+            return None
+        return s, cd.length(s)
+
     def to_dict(self) -> dict:
         """JSON-friendly config. A ``data`` iterable cannot be serialised: it is written as
         ``{"custom": "<type name>"}`` and :meth:`from_dict` gives it back as ``"auto"``."""
@@ -331,6 +361,13 @@ class PlanCost:
             text += (f" (max_overhead={self.max_overhead:g}: {len(self.skipped_steps)} of "
                      f"{len(self.skipped_steps) + n} fork points skipped)")
         return text
+
+
+def _length_ending_at(cd: Cooldown, end: int) -> int:
+    """Cooldown length for a continue-mode window that must end at step ``end``."""
+    if cd.steps is not None:
+        return min(cd.steps, end)
+    return max(1, min(end, int(round(cd.fraction * end))))
 
 
 def _length_token(cd: Cooldown) -> str:
