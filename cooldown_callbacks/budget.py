@@ -7,9 +7,9 @@ The cooled models of one run trace the loss a fixed-budget run of ``T`` steps re
 .. math:: L(T) = E + A\,T^{-\alpha}, \qquad A \ge 0,\; 0.01 \le \alpha \le 3,
 
 by least squares, and says what another 10%, 2x or 4x of training would buy, with a band. The
-data support a fit when the losses decrease with the budget beyond their noise (an F-test of the
-law against a flat line, p <= 0.05, with four or more budgets) and the exponent stays inside its
-range; otherwise the fit says why (``supported=False``) and a flat line is kept where it fits as well.
+data support a fit when the losses decrease with the budget beyond their noise (the slope of a
+line in ``log T`` is negative at one-sided p <= 0.05) and the exponent stays inside its range;
+otherwise the fit says why (``supported=False``; without a decrease the flat line is kept).
 
 Method (variable projection): for a given ``alpha`` the model is linear in ``(E, A)``, solved
 exactly; the residual sum of squares is then minimised over ``alpha`` (a grid, refined with
@@ -173,6 +173,22 @@ def _grid_rss(x: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> np.ndarray:
     return np.sum(r * r, 1)
 
 
+def _decrease_p(T: np.ndarray, y: np.ndarray, sigma: float | None, stats: Any) -> float:
+    """One-sided p-value of "the losses decrease with log T": the slope of a line fitted to ``y`` against
+    ``log T`` (Student t with ``n - 2`` degrees of freedom, or normal with a known ``sigma``)."""
+    lt = np.log(T)
+    xm = lt - lt.mean()
+    sxx = float(np.sum(xm * xm))
+    b = float(np.sum(xm * (y - y.mean())) / sxx)
+    if sigma is not None:
+        return float(stats.norm.cdf(b / (sigma / math.sqrt(sxx))))
+    resid = y - y.mean() - b * xm
+    s2 = float(np.sum(resid * resid)) / (T.size - 2)
+    if s2 <= 0:
+        return 0.0 if b < 0 else 1.0
+    return float(stats.t.cdf(b / math.sqrt(s2 / sxx), T.size - 2))
+
+
 def fit_budget_curve(steps: Sequence[float], losses: Sequence[float], *, level: float = 0.9,
                      sigma: float | None = None) -> BudgetFit:
     """Fit ``L(T) = E + A * T**(-alpha)`` to cooled losses against total steps ``T = S + c``.
@@ -228,21 +244,21 @@ def fit_budget_curve(steps: Sequence[float], losses: Sequence[float], *, level: 
     mean = float(np.mean(y))
     r0 = float(np.sum((y - mean) ** 2))
     flat = B <= 1e-12 * max(1.0, abs(E)) or r0 <= 1e-24 * max(1.0, mean * mean) * n
-    p_flat = None
-    if not flat and n > 3 and sigma is None and r2 > 0:
-        # does the power law explain more than the noise? F-test against a flat line (2 more parameters)
-        p_flat = float(stats.f.sf(((r0 - r2) / 2) / (r2 / (n - 3)), 2, n - 3))
+    p_flat = None if flat else _decrease_p(T, y, sigma, stats)
     at_edge = g_best <= lo + 1e-3 or g_best >= hi - 1e-3
     if flat:
         supported, reason = False, "the cooled losses do not decrease with the budget (A = 0: a flat curve)"
-        A = 0.0
+        E, A, r2 = mean, 0.0, r0
     elif p_flat is not None and p_flat > 0.05:
-        supported, reason = False, (f"the cooled losses do not decrease with the budget beyond their noise (F-test "
-                                    f"against a flat line: p = {p_flat:.2g}); the flat line is kept")
+        supported, reason = False, (f"the cooled losses do not decrease with the budget beyond their noise (trend in "
+                                    f"log T: one-sided p = {p_flat:.2g}); the flat line is kept")
         flat, E, A, r2 = True, mean, 0.0, r0
     elif at_edge:
         supported, reason = False, (f"the exponent is not determined by these budgets (alpha = {alpha:.3g} at the "
                                     f"edge of {ALPHA_RANGE[0]}..{ALPHA_RANGE[1]})")
+        if g_best <= lo + 1e-3:
+            reason += ("; the losses fall about as fast or faster in log T than a power law allows, as early in "
+                       "training: fit from a later budget")
     k = 1 if flat else 3
     dof = n - k
     if sigma is not None:

@@ -173,10 +173,10 @@ def test_plans_quick(tmp_path):
     assert all(r[4] == r[5] for r in rows)  # the plan's own cost statement is what the run spent
     assert int(rows[2][2]) > 0  # the capped plan skipped forks
     _, fits = table(data, 1)
-    assert [r[0] for r in fits] == ["on_eval", "geometric", "capped"]
+    assert [r[0] for r in fits] == ["on_eval", "geometric", "capped", "on_eval, all forks"]
     assert data["main_identical"]  # forks, skipped or not, never change the main branch
     assert data["truth"]["T"] == 60 and data["plans"]["on_eval"]["cooldown_steps"] > \
         data["plans"]["capped"]["cooldown_steps"]
     _, pm = table(data, 2)
-    assert [r[0] for r in pm] == [30, 36, 42, 48]
+    assert [r[0] for r in pm] == [32, 36, 40, 44, 48]  # fitted on the forks at 16..28
     assert (tmp_path / data["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

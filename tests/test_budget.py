@@ -79,6 +79,7 @@ def test_flat_and_rising_losses_are_not_a_fit():
     rising = fit_budget_curve(T, 2.0 + 0.001 * T)
     for f in (flat, rising):
         assert not f.supported and "do not decrease" in f.reason and f.A == 0.0
+        assert f.predict(1e6) == pytest.approx(np.mean(f.losses))  # the flat line: the mean
         assert math.isfinite(f.predict(1e6)) and np.isfinite(f.band(1e6)).all()
         assert "the data do not support a fit" in f.summary() and "predicted" not in f.summary()
     assert flat.predict(1e6) == pytest.approx(2.0, abs=0.02)

@@ -315,7 +315,10 @@ def hf_records(path: Path, run_id: str = "r1") -> None:
 
 
 def test_report_pairs_hf_cooldown_loss_with_the_main_eval_loss(capsys, tmp_path):
-    hf_records(tmp_path / "out" / "cooldowns" / "forks.jsonl")
+    write_records(tmp_path / "out" / "checkpoint-500" / "cooldowns" / "forks.jsonl")  # something else below it
+    hf_records(tmp_path / "out" / "cooldowns" / "forks.jsonl")  # written last, but output_dir/cooldowns comes first
+    import os
+    os.utime(tmp_path / "out" / "checkpoint-500" / "cooldowns" / "forks.jsonl")
     code, out, _ = run(capsys, "report", str(tmp_path / "out"))
     assert code == 0
     lines = out.splitlines()
@@ -447,3 +450,14 @@ def test_report_fit_needs_three_budgets_and_scipy(capsys, tmp_path, monkeypatch)
     assert code == 1 and "pip install 'cooldown-callbacks[fit]'" in err and out == ""
     code, _, err = run(capsys, "report", str(tmp_path / "run"), "--fit", "--level", "1.5")
     assert code == 2 and "must be a probability in (0, 1)" in err
+
+
+def test_report_fit_from_drops_the_early_budgets(capsys, tmp_path):
+    labelled_records(tmp_path / "run" / "forks.jsonl")
+    code, out, _ = run(capsys, "report", str(tmp_path / "run"), "--fit", "--fit-from", "300")
+    assert code == 0
+    block = out.split("budget curve of val_loss [10pct], totals >= 300, fitted:")[1]
+    assert "(4 cooled losses, T = 333..667" in block
+    code, out, _ = run(capsys, "report", str(tmp_path / "run"), "--fit", "--fit-from", "600")
+    assert "budget curve of val_loss [20pct], totals >= 600: no fit - it needs cooled losses at 3 or more budgets " \
+           "(has 2)" in out

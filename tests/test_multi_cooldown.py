@@ -166,7 +166,7 @@ def test_a_resume_takes_back_finished_cooldowns_and_runs_only_the_others(tmp_pat
         evaluated.append(1)
         return eval_fn(model)
 
-    plan = ForkPlan(at=[3], cooldown=THREE[:2], data="peek")
+    plan = ForkPlan(at=[3], cooldown=THREE[:2], data="peek", max_overhead=2.0)  # 3 + 3 <= 2 x 3: just admitted
     torch.manual_seed(0)
     model, opt = make_model_opt()
     mk = lambda: CooldownHook(model, opt, schedule=SCHED, plan=plan, loss_fn=loss_fn,  # noqa: E731

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..records import RECORDS_NAME, read_records
 from .output import fmt, pyplot, save, table
-from .parsing import MissingExtra, UsageError
+from .parsing import MissingExtra, UsageError, nonneg_int
 
 __all__ = ["add_parser", "find_records", "main_key_for"]
 
@@ -157,21 +157,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
         where = f": {ck}" + ("" if Path(ck).exists() else " (missing)") if ck else ""
         print(f"lowest cooled {metric}: {val:.6g} at total {T}" + (f" ({_variant(r, shapes_differ)})"
                                                                   if _variant(r, shapes_differ) else "") + where)
-    fits = _fits(groups, metric, args.level) if args.fit else {}
+    fits = _fits(groups, metric, args.level, args.fit_from) if args.fit else {}
     if args.plot:
         _plot(groups, main_pts, fits, metric, main_key, target, args.plot)
     return 0
 
 
-def _fits(groups: dict, metric: str, level: float) -> dict:
-    """Fit and print the budget curve of each cooldown variant."""
+def _fits(groups: dict, metric: str, level: float, fit_from: int) -> dict:
+    """Fit and print the budget curve of each cooldown variant (cooled models of total >= ``fit_from``)."""
     from ..budget import fit_budget_curve
 
     out = {}
     for v, pts in groups.items():
-        name = f"budget curve of {metric}" + (f" [{v}]" if v else "")
-        T = np.array([p[0] for p in pts], dtype=np.float64)
-        y = np.array([p[1] for p in pts], dtype=np.float64)
+        name = f"budget curve of {metric}" + (f" [{v}]" if v else "") + (f", totals >= {fit_from}" if fit_from else "")
+        T = np.array([p[0] for p in pts if p[0] >= fit_from], dtype=np.float64)
+        y = np.array([p[1] for p in pts if p[0] >= fit_from], dtype=np.float64)
         if np.unique(T).size < 3:
             print(f"\n{name}: no fit - it needs cooled losses at 3 or more budgets (has {np.unique(T).size})")
             continue
@@ -195,7 +195,7 @@ def _plot(groups: dict, main_pts: dict, fits: dict, metric: str, main_key: str |
         fit = fits.get(v)
         if fit is not None:
             last = max(x)
-            ts = np.linspace(min(x), 4 * last, 200)
+            ts = np.linspace(min(fit.steps), 4 * last, 200)
             ax.plot(ts, fit.predict(ts), lw=1.2, ls="--", color=color,
                     label=f"fit {fit.E:.3g} + {fit.A:.3g} T^-{fit.alpha:.3g}" + ("" if fit.supported
                                                                                   else " (not supported)"))
@@ -236,5 +236,8 @@ def add_parser(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--metric", help="metric key (default: the first key containing 'loss')")
     p.add_argument("--fit", action="store_true", help="fit the budget curve and predict 2x, 4x and +10%% steps")
     p.add_argument("--level", type=_level, default=0.9, help="probability of the fit's band (default: %(default)s)")
+    p.add_argument("--fit-from", type=nonneg_int, default=0, metavar="T",
+                   help="fit only cooled models of total T >= this: early in training the loss falls faster than "
+                        "a power law (default: all)")
     p.add_argument("--plot", metavar="PNG", help="draw cooled and main-branch metric against steps (and the fit)")
     p.set_defaults(func=_cmd_report)
