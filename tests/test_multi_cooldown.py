@@ -192,3 +192,66 @@ def test_a_resume_takes_back_finished_cooldowns_and_runs_only_the_others(tmp_pat
     assert [(r["label"], bool(r.get("restored"))) for r in resumed.records] == [("linear", True), ("1-sqrt", False)]
     assert last.label == "1-sqrt" and not last.restored
     assert [r["label"] for r in read_records(tmp_path)] == ["linear", "1-sqrt"]
+
+
+def test_every_cooldowns_evaluation_draws_the_fork_points_random_numbers(tmp_path):
+    """An eval_fn that samples random batches (nanoGPT's estimate_loss) sees the same ones for every cooldown
+    of a fork point, and the same as the main branch's evaluation at that step."""
+    draws = []
+
+    def sampling_eval(model):
+        idx = torch.randint(0, 1000, (5,))
+        draws.append(idx)
+        return {"val_loss": float(idx.float().mean())}
+
+    torch.manual_seed(0)
+    model, opt = make_model_opt()
+    loader = make_loader(stateful=True)
+    hook = CooldownHook(model, opt, schedule=SCHED, plan=ForkPlan(at=[4], cooldown=THREE, data="peek"), loss_fn=loss_fn,
+                        eval_fn=sampling_eval, train_loader=loader, dirpath=tmp_path, verbose=False)
+    main = []
+
+    def after_step():
+        if hook.step() is not None:
+            main.append(sampling_eval(model) and draws[-1])  # the user's own evaluation, right after the fork
+
+    train(model, opt, loader, 6, after_step=after_step)
+    cooled = draws[:3]
+    assert len(main) == 1 and all(torch.equal(c, main[0]) for c in cooled)
+
+
+def test_a_signal_during_the_second_cooldown_stops_the_fork_point_after_the_restore(tmp_path):
+    import os
+    import signal
+
+    seen = {}
+    calls = []
+
+    def eval_then_signal(model):
+        calls.append(1)
+        if len(calls) == 2:  # the second cooldown's evaluation: a preemption arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+        return eval_fn(model)
+
+    torch.manual_seed(0)
+    model, opt = make_model_opt()
+    loader = make_loader(stateful=True)
+    hook = CooldownHook(model, opt, schedule=SCHED, plan=ForkPlan(at=[4], cooldown=THREE, data="peek"), loss_fn=loss_fn,
+                        eval_fn=eval_then_signal, train_loader=loader, max_grad_norm=0.5, dirpath=tmp_path,
+                        verbose=False)
+
+    def handler(signum, frame):
+        seen["state"] = full_state(model, opt)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        train(model, opt, loader, 4, after_step=hook.step)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    ref_model, ref_opt = fixed_run(SCHED, 4)
+    assert_equal_states(full_state(ref_model, ref_opt), seen["state"])  # the handler saw the main branch
+    assert_equal_states(full_state(ref_model, ref_opt), full_state(model, opt))
+    recs = read_records(tmp_path)
+    assert [(r["label"], r["status"]) for r in recs] == [("3steps_linear", "ok"), ("3steps_1-sqrt", "failed")]
+    assert recs[1]["error"].startswith("interrupted by SIGTERM") and len(calls) == 2  # the third never ran
+    assert 4 not in hook.engine.completed  # a resumed run forks here again (taking back the first cooldown)
