@@ -249,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ]
     notes = [f"main-branch val loss after {N} steps identical in every run: {'yes' if same_main else 'NO'} "
              "(" + ", ".join(f"{k} {v['main_final']:.6f}" for k, v in results.items()) + ")",
-             f"main only (reference run less its one fork): {base_wall:.1f} s wall, {base_cpu:.1f} s CPU",
+             f"main only (reference run less its one fork): {base_wall:.1f} s wall, {base_cpu:.1f} s CPU; the runs "
+             "are sequential, so on a shared machine wall-time ratios follow its load: read the CPU-time ratios "
+             "(one torch thread: CPU time is the work)",
              "ForkPlan.cost(N, eval_every) gave each plan's fork points and cooldown steps exactly (checked)."]
     return finish(out, env, {"config": {k: v for k, v in vars(args).items() if k not in ("out",)},
                              "truth": {"T": T_star, "val_loss": truth}, "main_identical": same_main,

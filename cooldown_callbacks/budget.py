@@ -284,6 +284,9 @@ def fit_budget_curve(steps: Sequence[float], losses: Sequence[float], *, level: 
         if supported and math.isfinite(se_alpha) and se_alpha > alpha:
             notes.append(f"the exponent is weakly determined (alpha = {alpha:.3g} +- {se_alpha:.2g}): "
                          "extrapolations are uncertain, see the band")
+    if supported and E < 0 <= float(y.min()):
+        notes.append(f"E = {E:.3g} < 0: the law would take the loss below zero, so it fits a transient (early in "
+                     "training the loss falls faster than a power law); fit from a later budget")
     if T.max() / T.min() < 2:
         notes.append(f"the budgets span only {T.max() / T.min():.2f}x: extrapolating far beyond them is uncertain")
     return BudgetFit(E=float(E), A=float(A), alpha=float(alpha), steps=tuple(T.tolist()), losses=tuple(y.tolist()),

@@ -137,3 +137,12 @@ def test_the_core_imports_without_scipy_and_the_fit_names_the_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ImportError: fit_budget_curve needs scipy: pip install 'cooldown-callbacks[fit]'" in out.stdout
+
+
+def test_a_negative_asymptote_is_flagged_as_a_transient():
+    """Early in training the cooled loss falls about linearly in log T: a power law fits it only with E < 0."""
+    T = np.array([125.0, 250, 375, 500, 625, 750, 875, 1000, 1125])
+    y = 3.5 - 0.27 * np.log(T) + np.array([0.003, -0.002, 0.001, 0.0, -0.003, 0.002, 0.001, -0.001, 0.0])
+    f = fit_budget_curve(T, y)
+    assert f.E < 0 and any("fit from a later budget" in n for n in f.notes)
+    assert "note: E = " in f.summary()
