@@ -15,6 +15,7 @@ __all__ = ["ForkPlan", "PlanCost", "plan_lost_data", "cooldown_labels", "MODES",
 MODES = ("branch", "continue")
 DATA_SOURCES = ("auto", "peek", "fresh")
 ON_FORK_ERROR = ("record", "raise")
+_DEFAULT_COOLDOWN = Cooldown(fraction=0.2, shape="1-sqrt")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ForkPlan:
     - ``geometric=(first, ratio)``: ``first, first*ratio, first*ratio^2, ...`` (rounded, distinct).
     - ``on_eval=True``: whenever the framework evaluates the main branch (adapters only).
 
-    ``cooldown`` is the decay (default: 20% of the cooled run, 1-sqrt, Hägele et al.'s recipe), or a
+    ``cooldown`` is the decay (default ``None``: 20% of the cooled run, 1-sqrt, Hägele et al.'s recipe), or a
     list of decays to compare from the same point (``mode="branch"`` only): one snapshot per fork
     point, each cooldown runs from the restored main branch and gets its own record, checkpoint and
     metric names, labelled by what tells them apart (:func:`cooldown_labels`: ``"50steps"``,
@@ -68,7 +69,7 @@ class ForkPlan:
     at: Sequence[int] | None = None
     geometric: tuple[int, float] | None = None
     on_eval: bool | None = None
-    cooldown: Cooldown | Sequence[Cooldown] = Cooldown(fraction=0.2, shape="1-sqrt")
+    cooldown: Cooldown | Sequence[Cooldown] | None = None
     mode: Literal["branch", "continue"] = "branch"
     data: Any = "auto"
     at_end: bool = False
@@ -108,6 +109,10 @@ class ForkPlan:
             if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 1:
                 raise ValueError(f"Invalid geometric ratio ({ratio!r}): must be a number > 1.")
             object.__setattr__(self, "geometric", (int(first), float(ratio)))
+        if self.cooldown is None:
+            # the default is resolved here, not in the field: a config system that merges user values into
+            # the field's default (jsonargparse / LightningCLI) would otherwise add fraction=0.2 to steps=...
+            object.__setattr__(self, "cooldown", _DEFAULT_COOLDOWN)
         if self.mode not in MODES:
             raise ValueError(f"Invalid mode ({self.mode!r}): choose one of {MODES}.")
         self._check_cooldowns()
