@@ -255,3 +255,16 @@ def test_a_signal_during_the_second_cooldown_stops_the_fork_point_after_the_rest
     assert [(r["label"], r["status"]) for r in recs] == [("3steps_linear", "ok"), ("3steps_1-sqrt", "failed")]
     assert recs[1]["error"].startswith("interrupted by SIGTERM") and len(calls) == 2  # the third never ran
     assert 4 not in hook.engine.completed  # a resumed run forks here again (taking back the first cooldown)
+
+
+def test_the_hook_states_the_plans_cost_when_given_the_horizon(tmp_path, capsys):
+    model, opt = make_model_opt()
+    plan = ForkPlan(on_eval=True, cooldown=THREE[:2], max_overhead=0.5)
+    kw = dict(schedule=SCHED, plan=plan, loss_fn=loss_fn, eval_fn=eval_fn, train_loader=make_loader(), dirpath=tmp_path)
+    CooldownHook(model, opt, max_steps=100, eval_every=10, **kw).close()
+    assert capsys.readouterr().out == ("[cooldown] ForkPlan cost to step 100: 8 fork points x 2 cooldowns = 48 cooldown "
+                                       "steps, 0.48x the 100 main steps (max_overhead=0.5: 2 of 10 fork points "
+                                       "skipped)\n")
+    CooldownHook(model, opt, max_steps=100, **kw).close()  # on_eval without the interval: cost unknown, nothing said
+    CooldownHook(model, opt, max_steps=100, eval_every=10, verbose=False, **kw).close()
+    assert capsys.readouterr().out == ""
