@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 from .plan import ForkPlan
 from .records import RECORDS_NAME, ForkRecord, append_record, read_records, relative_checkpoint
-from .runner import ForkError, ForkRunner, check_writable_dir, checkpoint_pattern, save_cooled
+from .runner import ForkRunner, check_writable_dir, checkpoint_pattern, save_cooled
 from .schedules import Cooldown, Schedule, wsds_value
 from .signals import _Interrupted, _SignalGuard
 from .snapshot import capture_rng, restore_rng
@@ -40,6 +40,10 @@ def _finite(x: Any) -> bool:
         return math.isfinite(float(x))
     except (TypeError, ValueError):
         return True
+
+
+class ForkError(RuntimeError):
+    """A fork failed (non-finite loss or metric, or an error inside the fork)."""
 
 
 class ForkEngine:

@@ -11,11 +11,7 @@ from typing import Any, Protocol, Sequence
 from .records import aside_path, fsync_path, remove_path, replace_path
 from .schedules import Cooldown
 
-__all__ = ["ForkRunner", "ForkError", "check_writable_dir", "checkpoint_pattern", "save_cooled"]
-
-
-class ForkError(RuntimeError):
-    """A fork failed (non-finite loss or metric, or an error inside the fork)."""
+__all__ = ["ForkRunner", "check_writable_dir", "checkpoint_pattern", "save_cooled"]
 
 
 class ForkRunner(Protocol):
@@ -95,6 +91,8 @@ def save_cooled(runner: ForkRunner, path: Path, is_global_zero: bool) -> None:
         runner.barrier()
         if is_global_zero:
             if not tmp.exists():
+                from .engine import ForkError  # its home (the name users catch); engine imports this module
+
                 raise ForkError(f"the cooled checkpoint was not written to {tmp}")
             fsync_path(tmp)
             replace_path(tmp, path)
