@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import EXAMPLES, base_parser, finish, pyplot, setup  # noqa: E402
+from bench_budgets import _loss, train_steps  # noqa: E402
 
 sys.path.insert(0, str(EXAMPLES))
 from charlm import TinyGPT, splits  # noqa: E402
@@ -53,11 +54,6 @@ from cooldown_callbacks.integrations.accelerate import CooldownHook  # noqa: E40
 NAME = "bench_plans"
 COOLDOWN = Cooldown(fraction=0.2, shape="1-sqrt")
 LEVEL = 0.9
-
-
-def _loss(model, batch):
-    x, y = batch
-    return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
 
 def plans(args) -> dict[str, ForkPlan]:
@@ -91,29 +87,21 @@ class Task:
                             eval_fn=lambda m: {"val_loss": self.evaluate(m)}, train_loader=loader, max_grad_norm=1.0,
                             dirpath=dirpath, verbose=False)
         main_val: dict[int, float] = {}
-        fork_cpu = 0.0
+        fork_cpu = [0.0]
+
+        def after_step(t: int) -> None:
+            evaluating = t % a.every == 0 or t == a.steps
+            metrics = None
+            if evaluating:
+                main_val[t] = self.evaluate(model)
+                metrics = {"val_loss": main_val[t]}
+            n, f0 = len(hook.records), time.process_time()
+            hook.step(evaluating=evaluating, metrics=metrics)
+            if len(hook.records) > n:
+                fork_cpu[0] += time.process_time() - f0
+
         w0, c0 = time.perf_counter(), time.process_time()
-        t = 0
-        model.train()
-        while t < a.steps:
-            for batch in loader:
-                loss = _loss(model, batch)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad()
-                t += 1
-                evaluating = t % a.every == 0 or t == a.steps
-                metrics = None
-                if evaluating:
-                    main_val[t] = self.evaluate(model)
-                    metrics = {"val_loss": main_val[t]}
-                n, f0 = len(hook.records), time.process_time()
-                hook.step(evaluating=evaluating, metrics=metrics)
-                if len(hook.records) > n:
-                    fork_cpu += time.process_time() - f0
-                if t == a.steps:
-                    break
+        train_steps(model, opt, loader, a.steps, after_step)  # the user's loop (the budgets benchmark's)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         hook.close()
         recs = hook.records
@@ -122,7 +110,7 @@ class Task:
             raise RuntimeError(f"fork failed: {bad[0]}")
         ok = [r for r in recs if r["status"] == "ok"]
         return {
-            "wall_s": wall, "cpu_s": cpu, "fork_wall_s": sum(r["seconds"] for r in ok), "fork_cpu_s": fork_cpu,
+            "wall_s": wall, "cpu_s": cpu, "fork_wall_s": sum(r["seconds"] for r in ok), "fork_cpu_s": fork_cpu[0],
             "forks": [r["step"] for r in ok], "skipped": [r["step"] for r in recs if r["status"] == "skipped"],
             "cooldown_steps": sum(r["cooldown_steps"] for r in ok),
             "curve": [(r["step"] + r["cooldown_steps"], r["metrics"]["val_loss"], r["step"]) for r in ok],
