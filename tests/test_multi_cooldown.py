@@ -268,3 +268,18 @@ def test_the_hook_states_the_plans_cost_when_given_the_horizon(tmp_path, capsys)
     CooldownHook(model, opt, max_steps=100, **kw).close()  # on_eval without the interval: cost unknown, nothing said
     CooldownHook(model, opt, max_steps=100, eval_every=10, verbose=False, **kw).close()
     assert capsys.readouterr().out == ""
+
+
+def test_the_cap_applies_to_the_final_fork_too(tmp_path):
+    torch.manual_seed(0)
+    model, opt = make_model_opt()
+    loader = make_loader()
+    hook = CooldownHook(model, opt, schedule=SCHED, loss_fn=loss_fn, eval_fn=eval_fn, train_loader=loader,
+                        plan=ForkPlan(every=4, at_end=True, cooldown=Cooldown(steps=2), max_overhead=0.5),
+                        dirpath=tmp_path, verbose=False)
+    train(model, opt, loader, 10, after_step=hook.step)
+    rec = hook.finish()  # 2 (step 4) + 2 (step 8) + 2 > 0.5 x 10
+    assert rec.status == "skipped" and rec.step == 10
+    assert rec.reason == "max_overhead=0.5: 4 cooldown steps so far + 2 for this fork = 6 > 0.5 x 10 = 5"
+    assert [(r["step"], r["status"]) for r in read_records(tmp_path)] == [(4, "ok"), (8, "ok"), (10, "skipped")]
+    assert hook.finish() is None  # decided once
