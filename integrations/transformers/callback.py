@@ -15,10 +15,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerControl
 from transformers.utils import logging
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan, plan_lost_data
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule, schedule_from_dict
+from cooldown_callbacks.sharding import SAVE_FORMATS
 from cooldown_callbacks.snapshot import STORAGES, capture_rng, restore_rng
 
 from ._data import _data_kind
@@ -62,6 +64,11 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             (``cooldown_50steps_loss``), while the records keep ``cooldown_loss`` and a ``label``.
         snapshot_storage: where the main branch's copy waits during a fork: ``"cpu"`` (default),
             ``"device"`` or ``"disk"``.
+        save_format: ``"full"`` (default): each cooled model is a ``save_pretrained`` folder that
+            ``from_pretrained`` loads (under FSDP2 the full state is gathered on every rank and written by
+            the main process); ``"dcp"``: a folder of ``torch.distributed.checkpoint`` shards written by
+            every rank (for models too large to gather; convert with
+            ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
         verbose: print one line per fork on the main process.
 
     Attributes:
@@ -77,6 +84,9 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
     ``EarlyStoppingCallback`` stopped it (``on_epoch_end``), else in ``on_train_end`` (after
     ``load_best_model_at_end``, if set). ``ForkPlan(record_grad_norms=True)`` keeps the ``grad_norm``
     values the Trainer logs (every ``logging_steps``).
+
+    Sharded training: FSDP2 (``fsdp_config={"fsdp_version": 2}``) forks on each rank's local shards and
+    saves the gathered full model; FSDP v1 is refused in ``on_train_begin``.
     """
 
     def __init__(
@@ -88,6 +98,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         filename: str = "cooled-step={step:08d}-cd={cooldown}",
         metric_key_prefix: str = "cooldown",
         snapshot_storage: str = "cpu",
+        save_format: str = "full",
         verbose: bool = True,
     ) -> None:
         if isinstance(schedule, dict):
@@ -111,6 +122,8 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
                              f"not one of {_RESERVED_PREFIXES} (they are the main branch's).")
         if snapshot_storage not in STORAGES:
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
+        if save_format not in SAVE_FORMATS:
+            raise ValueError(f"Invalid save_format ({save_format!r}): choose one of {SAVE_FORMATS}.")
         if dirpath is not None:
             check_writable_dir(dirpath, "dirpath")
         ForkEngine(plan, schedule, "." if dirpath is None else dirpath, filename=filename)  # validates filename
@@ -120,6 +133,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         self.filename = filename
         self.metric_key_prefix = metric_key_prefix
         self.snapshot_storage = snapshot_storage
+        self.save_format = save_format
         self.verbose = bool(verbose)
         self._engine: ForkEngine | None = None
         self._pending_state: dict | None = None
@@ -182,6 +196,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
                 "filename": self.filename,
                 "metric_key_prefix": self.metric_key_prefix,
                 "snapshot_storage": self.snapshot_storage,
+                "save_format": self.save_format,
                 "verbose": self.verbose,
             },
             "attributes": {"fork_state": self.fork_state},
@@ -263,9 +278,9 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         return None
 
     def _setup(self, trainer: Trainer, args: Any, state: Any) -> None:
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            raise ValueError("CooldownTrainerCallback does not support DeepSpeed (its engine owns the optimizer "
-                             "step); use DDP or FSDP.")
+        if getattr(trainer, "is_deepspeed_enabled", False):  # ZeRO-0/1/2 exact; ZeRO-3 and offload refused
+            sharding.check_zero(trainer.model_wrapped, "CooldownTrainerCallback")
+        _check_fsdp(trainer, args)
         if trainer.eval_dataset is None:
             raise ValueError("CooldownTrainerCallback needs eval_dataset=... on the Trainer: every cooled model is "
                              "evaluated with trainer.evaluate().")
@@ -402,6 +417,24 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         if self.verbose and self._engine is not None and self._engine.is_global_zero:
             print(line, flush=True)
 
+
+
+def _check_fsdp(trainer: Trainer, args: Any) -> None:
+    """FSDP2 forks exactly (same code as DDP, on local shards); FSDP v1 is refused before the first step.
+
+    Detected from accelerate's FSDP plugin (the Trainer enables FSDP on accelerators only) and from the
+    model itself. On a machine where the Trainer ignores ``fsdp=`` (no accelerator: it runs DDP), say so.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", None) if getattr(trainer, "is_fsdp_enabled", False) else None
+    if version == 1 or sharding.sharding_of(trainer.model_wrapped) == "fsdp1":
+        raise ValueError("CooldownTrainerCallback does not support FSDP v1 (FullyShardedDataParallel): its forks "
+                         "cannot be verified exact. Use FSDP2: TrainingArguments(fsdp='full_shard', "
+                         "fsdp_config={'fsdp_version': 2}); forks are exact there.")
+    if getattr(args, "fsdp", None) and plugin is None and not sharding.is_sharded(trainer.model_wrapped):
+        logger.warning("CooldownTrainerCallback: TrainingArguments(fsdp=...) is set but the Trainer did not enable "
+                       "FSDP (it needs an accelerator; this run is data-parallel without sharding). Forks are exact "
+                       "either way.")
 
 
 def _plan_to_json(plan: ForkPlan, data_missing: bool = False) -> dict:
