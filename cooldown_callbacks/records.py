@@ -9,9 +9,11 @@ Every fork appends one JSON object per line (one per cooldown) to ``<dirpath>/fo
 
 **The budget axis.** A cooled model of a fork after ``step`` = S completed main-branch steps with
 ``cooldown_steps`` = c has trained for **T = S + c** optimizer steps: that is its budget, the step
-of a fixed-budget run it equals. The command line's ``report``, :func:`~cooldown_callbacks.budget.fit_budget_curve`
-and the adapters' logged step of cooled metrics all use T = S + c (``step`` itself is where the
-main branch was when it forked).
+of a fixed-budget run it equals, and the one convention for a budget: the command line's ``report``
+(column ``total``, plots) and :func:`~cooldown_callbacks.budget.fit_budget_curve` use T = S + c.
+``step`` itself is where the main branch was when it forked; a logger that shows cooled metrics
+beside the main branch's (e.g. at the step of the main validation they were forked at) is on the
+main branch's axis S, not on the budget axis.
 
 ``status`` is ``"ok"``, ``"failed"`` (then ``error`` says why) or ``"skipped"`` (``ForkPlan(max_overhead=...)``
 did not let the fork run; ``reason`` says why; no checkpoint). ``label`` tells the cooldowns of one
