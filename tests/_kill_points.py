@@ -4,7 +4,7 @@ What is simulated is the kill itself: :func:`install` wraps a few library seams 
 ``fork``, the runner it is given, ``os.replace``, the records writer, torch's global forward and
 optimizer-step hooks) so that the ``n``-th event of one *phase* sends ``SIGKILL`` to the process.
 Nothing else changes: the training, the fork, the saves and renames all run the real code. The
-wrappers are framework-free (every adapter goes through ``ForkEngine.fork`` with a runner), so the
+wrappers are framework-free (every adapter goes through ``ForkEngine.fork_point`` with a runner), so the
 same phases apply to the Accelerate hook, the Lightning callback and the HF callback.
 
 Phases (``PHASES``), in the order they happen:
@@ -127,9 +127,9 @@ def install(kill: str | None = None, marker: str | os.PathLike | None = None) ->
             raise ValueError(f"unknown kill phase {phase!r}; choose one of {PHASES}")
         _kill = (phase, int(n))
 
-    orig_fork = eng.ForkEngine.fork
+    orig_fork = eng.ForkEngine.fork_point  # every fork goes through it (ForkEngine.fork too)
 
-    def fork(self, step, runner, **kwargs):
+    def fork_point(self, step, runner, **kwargs):
         global _in_fork
         _in_fork = True
         try:
@@ -137,7 +137,7 @@ def install(kill: str | None = None, marker: str | os.PathLike | None = None) ->
         finally:
             _in_fork = False
 
-    eng.ForkEngine.fork = fork
+    eng.ForkEngine.fork_point = fork_point
 
     orig_append = eng.append_record
 

@@ -239,3 +239,23 @@ def test_full_run_into_the_committed_results_needs_a_clean_tree(monkeypatch):
     monkeypatch.setattr(_common, "git_dirty", lambda: [])
     out, env = _common.setup(args, "bench_x", [])
     assert out == _common.RESULTS and env["git_clean"] is True
+
+
+def test_plans_quick(tmp_path):
+    import bench_plans
+
+    bench_plans.main(["--quick", "--out", str(tmp_path)])
+    data = load(tmp_path, "bench_plans")
+    cols, rows = table(data, 0)
+    assert [r[0] for r in rows] == ["on_eval", "geometric", "capped"]
+    assert cols[3:6] == ["cooldown steps", "cooldown / main steps", "ForkPlan.cost ratio"]
+    assert all(r[4] == r[5] for r in rows)  # the plan's own cost statement is what the run spent
+    assert int(rows[2][2]) > 0  # the capped plan skipped forks
+    _, fits = table(data, 1)
+    assert [r[0] for r in fits] == ["on_eval", "geometric", "capped", "on_eval, all forks"]
+    assert data["main_identical"]  # forks, skipped or not, never change the main branch
+    assert data["truth"]["T"] == 60 and data["plans"]["on_eval"]["cooldown_steps"] > \
+        data["plans"]["capped"]["cooldown_steps"]
+    _, pm = table(data, 2)
+    assert [r[0] for r in pm] == [32, 36, 40, 44, 48]  # fitted on the forks at 16..28
+    assert (tmp_path / data["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
