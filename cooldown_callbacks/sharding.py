@@ -27,8 +27,21 @@ into a (sharded) model with :func:`load_dcp`.
 **Cross-rank decisions** (*collective*): :func:`any_rank` and :func:`barrier` on the default (or a
 given) process group; the tensor lives on ``device`` (default: CUDA for NCCL, else CPU).
 
-Sections, for extension: detection, resharding, local shards, sync flags, checkpoints, collectives.
-A ZeRO section (DeepSpeed) is added by its own adapter work; it follows the same rules.
+**DeepSpeed ZeRO** (a ``deepspeed.DeepSpeedEngine``, stages 0, 1 and 2; :func:`check_zero` refuses
+the rest before the first step): every rank holds the full module; the optimizer holds this rank's
+fp32 master partitions (ZeRO-1/2: ``single_partition_of_fp32_groups``), which are the params of the
+torch optimizer inside it, not module parameters - :class:`~cooldown_callbacks.snapshot.Snapshot`
+copies every optimizer param that is not a module parameter, so they are kept (local, 1/world).
+The engine's step counters, the ZeRO optimizer's loss scaler and the engine's LR scheduler are state
+too (and the GradScaler of its ``torch_autocast`` fp16 mode): Snapshot takes them for every engine
+among its modules (:func:`zero_extras`, :func:`zero_stateful`). A fork's steps go through
+``engine.backward`` / ``engine.step`` per micro-batch (DeepSpeed owns accumulation, clipping and loss
+scaling). :func:`full_state_dict` of an
+engine is the module's state without the ``module.`` prefix, with the fp32 masters gathered
+(collective) under fp16/bf16. deepspeed is never imported here: an engine is recognised through
+``sys.modules`` (it cannot exist unless deepspeed was imported).
+
+Sections, for extension: detection, resharding, local shards, sync flags, ZeRO, checkpoints, collectives.
 
 Private torch names used (FSDP1 only; isolated in :func:`_fsdp1_reshard`):
 ``torch.distributed.fsdp._runtime_utils._reshard`` and ``FullyShardedDataParallel._handle``
@@ -39,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
@@ -46,15 +60,16 @@ import torch
 
 __all__ = ["SAVE_FORMATS", "SHARDINGS", "is_dtensor", "local", "like", "fsdp2_modules", "fsdp1_modules",
            "sharding_of", "is_sharded", "reshard", "grads_finite", "sync_extras", "no_gradient_sync",
-           "clip_grad_norm", "full_state_dict", "save_full", "save_dcp", "load_dcp", "rank_and_world", "any_rank",
+           "clip_grad_norm", "ZERO_STAGES", "is_zero", "check_zero", "torch_optimizer", "zero_extras",
+           "zero_stateful", "full_state_dict", "save_full", "save_dcp", "load_dcp", "rank_and_world", "any_rank",
            "barrier"]
 
 SAVE_FORMATS = ("full", "dcp")
 """``"full"``: one unsharded state dict written by rank 0; ``"dcp"``: a sharded DCP folder."""
 
-SHARDINGS = ("fsdp2", "fsdp1", "dtensor")
-"""What :func:`sharding_of` reports: FSDP2 (``fully_shard``), FSDP1 (``FullyShardedDataParallel``) or
-other DTensor parameters (tensor parallelism)."""
+SHARDINGS = ("fsdp2", "fsdp1", "dtensor", "zero")
+"""What :func:`sharding_of` reports: FSDP2 (``fully_shard``), FSDP1 (``FullyShardedDataParallel``),
+other DTensor parameters (tensor parallelism) or a DeepSpeed engine (ZeRO: sharded optimizer state)."""
 
 SaveFormat = Literal["full", "dcp"]
 
@@ -112,7 +127,10 @@ def fsdp1_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def sharding_of(module: torch.nn.Module) -> str | None:
-    """``"fsdp2"``, ``"fsdp1"``, ``"dtensor"`` (DTensor parameters without FSDP) or ``None`` (plain or DDP)."""
+    """``"fsdp2"``, ``"fsdp1"``, ``"dtensor"`` (DTensor parameters without FSDP), ``"zero"`` (a DeepSpeed
+    engine) or ``None`` (plain or DDP)."""
+    if is_zero(module):
+        return "zero"
     if fsdp1_modules(module):
         return "fsdp1"
     if fsdp2_modules(module):
@@ -250,13 +268,125 @@ def _fsdp2_roots(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in mods if id(m) not in inner]
 
 
+# -- ZeRO (DeepSpeed) ----------------------------------------------------------------------------
+ZERO_STAGES = (0, 1, 2)
+"""DeepSpeed ZeRO stages whose forks are exact (checked on CPU with DeepSpeed 0.19, fp32/bf16/fp16)."""
+
+# scalars of the engine and of its (ZeRO) optimizer that one optimizer step changes (and the
+# accumulation boundary that Accelerate sets through set_gradient_accumulation_boundary)
+_ZERO_ENGINE_FIELDS = ("global_steps", "global_samples", "micro_steps", "skipped_steps", "_step_applied",
+                       "_global_grad_norm", "_unmanaged_backward_count", "losses", "_is_gradient_accumulation_boundary")
+_ZERO_OPTIMIZER_FIELDS = ("_global_grad_norm", "overflow", "micro_step_id", "is_gradient_accumulation_boundary")
+# loss scalers: the ZeRO optimizer's (LossScaler / DynamicLossScaler: cur_scale, cur_iter, last_overflow_iter,
+# hysteresis) and the stage-0 fp16/bf16 optimizer's (LossScaleConfig)
+_ZERO_SCALERS = ("loss_scaler", "loss_scale_config")
+
+
+def is_zero(obj: Any) -> bool:
+    """Whether ``obj`` is a ``deepspeed.DeepSpeedEngine`` (without importing deepspeed)."""
+    ds = sys.modules.get("deepspeed")
+    cls = getattr(ds, "DeepSpeedEngine", None) if ds is not None else None
+    return cls is not None and isinstance(obj, cls)
+
+
+def check_zero(engine: Any, where: str) -> None:
+    """Raise ``ValueError`` for a DeepSpeed configuration whose forks are not known to be exact.
+
+    Refused: ZeRO stage 3 (parameters partitioned and gathered by hooks), optimizer or parameter
+    offload, ZenFlow, ``torch_autocast`` with float16, pipeline engines, an engine without optimizer.
+    ``where`` names the adapter.
+    """
+    problems = []
+    pipe = getattr(sys.modules.get("deepspeed"), "PipelineEngine", None)
+    if pipe is not None and isinstance(engine, pipe):
+        problems.append("pipeline parallelism (PipelineEngine)")
+    stage = int(engine.zero_optimization_stage())
+    if stage not in ZERO_STAGES:
+        problems.append(f"ZeRO stage {stage} (zero_optimization.stage={stage})")
+    for what, cfg in (("optimizer", engine.zero_offload_optimizer()), ("parameter", engine.zero_offload_param())):
+        if cfg is not None and str(getattr(cfg, "device", "none")).rsplit(".", 1)[-1] != "none":
+            problems.append(f"{what} offload (zero_optimization.offload_{'param' if what == 'parameter' else what})")
+    if getattr(engine, "zenflow", False):
+        problems.append("ZenFlow (zero_optimization.zenflow)")
+    if getattr(engine, "torch_autocast_enabled", lambda: False)() and engine.torch_autocast_dtype() == torch.float16:
+        # its GradScaler skipped every step on CPU here, so exactness could not be verified
+        problems.append("torch_autocast with float16 (torch_autocast.dtype; use bfloat16, or the fp16 config)")
+    if getattr(engine, "optimizer", None) is None:
+        problems.append("an engine without optimizer")
+    if problems:
+        raise ValueError(f"{where} cannot keep the main branch exact with DeepSpeed {' and '.join(problems)}; "
+                         f"supported with {where}: DeepSpeed ZeRO stage 0, 1 or 2 without offload, or FSDP2 "
+                         "(torch.distributed.fsdp.fully_shard) for sharded parameters.")
+
+
+def torch_optimizer(opt: Any) -> Any:
+    """The torch optimizer behind wrappers: accelerate's ``AcceleratedOptimizer``, DeepSpeed's ZeRO
+    optimizer (whose inner optimizer's params are the fp32 master partitions), or ``opt`` itself."""
+    while hasattr(getattr(opt, "optimizer", None), "param_groups"):
+        opt = opt.optimizer
+    return opt
+
+
+def zero_extras(modules: Iterable[Any]) -> list[tuple[Callable[[], Any], Callable[[Any], None]]]:
+    """``(get, set)`` pairs for every DeepSpeed engine in ``modules``: the engine's and its optimizer's
+    step counters and last grad norm, and the loss scaler (Snapshot ``extras``)."""
+    pairs: list = []
+
+    def fields(obj: Any, names: tuple[str, ...]) -> None:
+        names = tuple(n for n in names if hasattr(obj, n) and not callable(getattr(obj, n)))
+        pairs.append((lambda: {n: getattr(obj, n) for n in names},
+                      lambda v: [setattr(obj, n, x) for n, x in v.items()]))
+
+    for engine in (m for m in modules if is_zero(m)):
+        fields(engine, _ZERO_ENGINE_FIELDS)
+        opt = engine.optimizer
+        fields(opt, _ZERO_OPTIMIZER_FIELDS)
+        for name in _ZERO_SCALERS:
+            scaler = getattr(opt, name, None)
+            if scaler is not None and hasattr(scaler, "__dict__"):
+                pairs.append((lambda s=scaler: dict(vars(s)),
+                              lambda v, s=scaler: (vars(s).clear(), vars(s).update(v))))
+    return pairs
+
+
+def zero_stateful(modules: Iterable[Any]) -> list[Any]:
+    """For every DeepSpeed engine in ``modules``: its LR scheduler (stepped in ``engine.step``) and the
+    ``torch.amp.GradScaler`` of its ``torch_autocast`` fp16 mode (the engine's under stage 0, else the
+    ZeRO optimizer's)."""
+    out = []
+    for e in (m for m in modules if is_zero(m)):
+        for obj in (getattr(e, "lr_scheduler", None), getattr(e, "torch_autocast_z0_gradscaler", None),
+                    getattr(e.optimizer, "torch_autocast_gradscaler", None)):
+            if obj is not None and hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+                out.append(obj)
+    return out
+
+
+def _zero_full_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """*Collective under fp16/bf16.* The engine's module state (no ``module.`` prefix) on every rank; under
+    ZeRO-1/2 with fp16/bf16 the fp32 masters gathered from the partitions (``safe_get_full_fp32_param``),
+    under stage 0 the module's own values. Buffers are this rank's (as under DDP)."""
+    module = engine.module
+    state = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in module.state_dict().items()}
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)  # every rank, same order
+            if full is not None and name in state:
+                state[name] = full.detach().cpu().clone()
+    return state
+
+
 # -- model checkpoints -------------------------------------------------------------------------
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """*Collective.* The unsharded model state dict, on CPU, complete on rank 0 (empty on other ranks
-    for sharded models). Keys are the plain model's (no FSDP / DDP prefixes)."""
+    for sharded models). Keys are the plain model's (no FSDP / DDP / DeepSpeed prefixes)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     kind = sharding_of(model)
+    if kind == "zero":
+        return _zero_full_state_dict(model)
     if kind is None:
         inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in inner.state_dict().items()}

@@ -1,11 +1,13 @@
 """A copy of everything the main branch's future depends on, restored in place.
 
 What is captured (see ``shared/INTEGRATION_NOTES.md``): parameters and buffers (and gradients that
-exist), every optimizer's per-parameter state and param-group hyper-parameters, LR schedulers,
+exist), the optimizers' own params that are not module parameters (fp32 master copies, e.g. DeepSpeed
+ZeRO's partitions), every optimizer's per-parameter state and param-group hyper-parameters, LR schedulers,
 grad scalers and any other object with ``state_dict``/``load_state_dict``, the global RNGs
 (python, numpy, torch CPU, every initialised CUDA device), given ``torch.Generator`` objects, and
-arbitrary ``(get, set)`` pairs for state that has no ``state_dict`` (e.g. torchmetrics states), and the
-buffer/gradient sync flags of ``DistributedDataParallel`` modules.
+arbitrary ``(get, set)`` pairs for state that has no ``state_dict`` (e.g. torchmetrics states), the
+buffer/gradient sync flags of ``DistributedDataParallel`` modules, and for a DeepSpeed engine among
+``modules`` its step counters, loss scaler and LR scheduler.
 
 Restoring writes into the existing tensors (``copy_``), so ``Parameter`` identity is kept for DDP
 buckets, optimizer references and compiled graphs. Tensor copies live in CPU memory by default
@@ -33,7 +35,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 import torch
 
-from .sharding import like, local, reshard, sync_extras
+from .sharding import like, local, reshard, sync_extras, zero_extras, zero_stateful
 
 __all__ = ["Snapshot", "STORAGES", "capture_rng", "restore_rng"]
 
@@ -193,6 +195,13 @@ class Snapshot:
                 add(t)
                 if grads and isinstance(t, torch.nn.Parameter):
                     snap._grads.append((t, add(t.grad) if t.grad is not None else None))
+        optimizers = list(optimizers)
+        for opt in optimizers:  # params that are not module parameters: fp32 master copies (DeepSpeed ZeRO)
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        add(p)
         snap._n_module = len(tensors)
         for opt in optimizers:
             groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
@@ -205,10 +214,13 @@ class Snapshot:
             snap._opt_states.append((opt, per_param, groups))
         snap._tensors = tensors
         snap._store = _TensorStore(tensors, storage, directory)
+        # a DeepSpeed engine's LR scheduler (once, also when the caller passed it)
+        stateful = list({id(o): o for o in [*stateful, *zero_stateful(modules)]}.values())
         snap._stateful = [(obj, _clone_tree(obj.state_dict())) for obj in stateful]
-        # DDP's next-forward buffer broadcast flag (a no-grad evaluation flips it) and FSDP2's gradient
-        # sync flags (a fork that accumulates sets them) are part of the main branch's state.
-        extras = list(extras) + sync_extras(modules)
+        # DDP's next-forward buffer broadcast flag (a no-grad evaluation flips it), FSDP2's gradient
+        # sync flags (a fork that accumulates sets them) and a DeepSpeed engine's step counters and loss
+        # scaler are part of the main branch's state.
+        extras = list(extras) + sync_extras(modules) + zero_extras(modules)
         snap._extras = [(setter, copy.deepcopy(getter())) for getter, setter in extras]
         snap._generators = list(generators)
         if rng:

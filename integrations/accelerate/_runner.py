@@ -15,11 +15,7 @@ if TYPE_CHECKING:
     from .hook import CooldownHook
 
 
-def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind an accelerate ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer & co
-        opt = opt.optimizer
-    return opt
+_inner = sharding.torch_optimizer  # behind AcceleratedOptimizer and/or DeepSpeed's ZeRO optimizer
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -44,6 +40,8 @@ class _HookRunner:
             gs = acc.gradient_state
             extras.append((lambda: dict(gs.__dict__), lambda d: (gs.__dict__.clear(), gs.__dict__.update(d))))
             extras.append((lambda: acc.step, lambda v: setattr(acc, "step", v)))
+        # a DeepSpeed engine as the model: Snapshot adds its counters, loss scaler and LR scheduler, and the
+        # inner torch optimizer's params are its fp32 master partitions
         return Snapshot.take(modules=[h.model], optimizers=[_inner(o) for o in h.optimizers],
                              stateful=[*h._schedulers, *h._scalers, *h._stateful], generators=h._generators,
                              extras=extras, storage=h.snapshot_storage, directory=h.engine.dirpath)
@@ -61,6 +59,7 @@ class _HookRunner:
                                     rank=h.rank, world_size=h.world_size)
         base, at_fork = self.base_lrs(), self.current_lrs()
         h._fork_lrs = lambda k: h.engine.fork_lrs(step, k, cooldown_steps, base, at_fork)
+        h._fork_groups = h._groups
         h._fork_k = 0
         h._fork_step, h._fork_bad_grad = step, None
         self._micro = 0
@@ -71,7 +70,9 @@ class _HookRunner:
         h.model.train()
         # A loop that zeroes gradients at the start of a step still holds the last step's gradients here: the
         # first cooldown update must not add them in (the snapshot puts them back for the main branch).
-        h.model.zero_grad(set_to_none=True)
+        # A DeepSpeed engine owns its gradients (zeroed in its step).
+        if h._ds_engine is None:
+            h.model.zero_grad(set_to_none=True)
 
     def train_step(self, lrs: Sequence[float]) -> float | None:
         h = self.h
@@ -91,6 +92,13 @@ class _HookRunner:
         h = self.h
         acc = h.accelerator
         ga = h.gradient_accumulation_steps
+        ds = h._ds_engine
+        if ds is not None and acc is None:  # DeepSpeed owns accumulation, clipping, loss scaling and zero_grad
+            loss = h.loss_fn(h.model, _to_device(batch, ds.device))
+            ds.backward(loss)
+            if getattr(ds, "managed_gradient_accumulation", lambda: True)() or self._micro % ga == 0:
+                ds.step()
+            return float(loss.detach())
         if acc is not None:
             batch = _to_device(batch, acc.device)
             with acc.accumulate(h.model):
@@ -142,7 +150,7 @@ class _HookRunner:
         if h.save_format == "dcp":  # a sharded folder, written by every rank
             sharding.save_dcp(h.model, path)
             return
-        if sharding.is_sharded(h.model):  # gathered on every rank, written by rank 0
+        if sharding.is_sharded(h.model):  # gathered on every rank (FSDP, DeepSpeed fp32 masters), written by rank 0
             sharding.save_full(h.model, path)
             return
         if h.accelerator is not None:
@@ -155,6 +163,7 @@ class _HookRunner:
     def end(self) -> None:
         h = self.h
         h._fork_lrs = None
+        h._fork_groups = []
         self._it = None
 
     def nonfinite_grad_step(self) -> int | None:

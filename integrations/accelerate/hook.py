@@ -8,6 +8,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan
 from cooldown_callbacks.records import ForkRecord
@@ -24,8 +25,10 @@ class CooldownHook:
     """Runs the main branch from ``schedule`` and forks cooldowns per ``plan`` in a hand-written loop.
 
     Args:
-        model: the (prepared) model.
-        optimizer: the (prepared) optimizer, or a list of them.
+        model: the (prepared) model, or a ``deepspeed.DeepSpeedEngine`` (ZeRO stage 0, 1 or 2; the fork's
+            steps then go through ``engine.backward`` / ``engine.step``, which own accumulation,
+            clipping and loss scaling; see :mod:`cooldown_callbacks.sharding`).
+        optimizer: the (prepared) optimizer, or a list of them (``None`` with a DeepSpeed engine: its own).
         schedule: main-branch schedule (``WSD``, ``RSqrt``, ...); ``None`` keeps the user's scheduler
             and forks decay from the current LR.
         plan: when and how to fork (``ForkPlan``; ``on_eval`` plans need ``hook.step(evaluating=True)``).
@@ -40,8 +43,10 @@ class CooldownHook:
         accelerator: an ``accelerate.Accelerator``, or ``None`` for a plain PyTorch loop.
         schedulers, scalers, generators, stateful: extra objects whose state the fork must not
             change (the accelerator's own scaler is added automatically).
-        gradient_accumulation_steps: micro-batches per optimizer step (default: the accelerator's).
-        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping).
+        gradient_accumulation_steps: micro-batches per optimizer step (default: the accelerator's, or
+            the DeepSpeed engine's).
+        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping; with
+            DeepSpeed, clipping is its ``gradient_clipping`` config).
         dirpath: where cooled checkpoints and ``forks.jsonl`` go.
         save_fn: ``save_fn(model, path)`` writing the cooled model, called on every rank (default: the
             unwrapped ``state_dict`` with ``torch.save``, ``.pt``; for a sharded model the full state
@@ -52,11 +57,16 @@ class CooldownHook:
             gather; convert with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
         snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``. Sharded (FSDP2) state is
             copied per rank, local shards only.
+        max_steps, eval_every: the run's horizon and (for ``on_eval`` plans) evaluation interval, if
+            known: the hook then prints what the plan adds (:meth:`ForkPlan.cost`) on rank 0.
 
     Sharded models (FSDP2 ``fully_shard``, Accelerate's FSDP2 plugin, FSDP1 ``FullyShardedDataParallel``)
     fork exactly: see :mod:`cooldown_callbacks.sharding`. In the ``loss_fn`` path non-final micro-batches
     skip gradient communication as users do (DDP/FSDP1 ``no_sync()``, FSDP2
     ``set_requires_gradient_sync(False)``) and FSDP1 clips with its own ``clip_grad_norm_``.
+
+    A plan with several cooldowns runs each from the restored main branch at every fork point;
+    ``step()`` returns the last one's record, ``records`` has all of them.
     """
 
     def __init__(
@@ -83,9 +93,24 @@ class CooldownHook:
         save_format: Literal["full", "dcp"] = "full",
         snapshot_storage: str = "cpu",
         verbose: bool = True,
+        max_steps: int | None = None,
+        eval_every: int | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"Invalid model ({type(model).__name__}): must be a torch.nn.Module.")
+        ds_engine = model if sharding.is_zero(model) else None
+        if ds_engine is not None:
+            sharding.check_zero(ds_engine, "CooldownHook")
+            if optimizer is None:
+                optimizer = ds_engine.optimizer
+            ds_ga = int(ds_engine.gradient_accumulation_steps())
+            if gradient_accumulation_steps not in (None, ds_ga):
+                raise ValueError(f"Invalid gradient_accumulation_steps ({gradient_accumulation_steps!r}): the "
+                                 f"DeepSpeed engine accumulates {ds_ga} micro-batches per step; leave it None.")
+            gradient_accumulation_steps = ds_ga
+            if max_grad_norm is not None:
+                raise ValueError(f"Invalid max_grad_norm ({max_grad_norm!r}) with a DeepSpeed engine: DeepSpeed clips "
+                                 "in engine.step(); set its 'gradient_clipping' config and leave max_grad_norm None.")
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         if not optimizers or not all(isinstance(_inner(o), torch.optim.Optimizer) for o in optimizers):
             raise ValueError("Invalid optimizer: pass the torch (or accelerate-prepared) optimizer, or a list of them.")
@@ -116,8 +141,12 @@ class CooldownHook:
             raise ValueError(f"Invalid save_format ({save_format!r}): choose one of {SAVE_FORMATS}.")
         if save_fn is not None and save_format != "full":
             raise ValueError("save_format applies to the default save; with save_fn, write the format you want there.")
+        if ds_engine is not None and save_format != "full":
+            raise ValueError(f"Invalid save_format ({save_format!r}) with a DeepSpeed engine: ZeRO-1/2 hold the full "
+                             "module on every rank; use save_format='full'.")
         self.model = model
         self.optimizers = optimizers
+        self._ds_engine = ds_engine
         self.accelerator = accelerator
         self.loss_fn, self.step_fn, self.eval_fn, self.save_fn = loss_fn, step_fn, eval_fn, save_fn
         self.train_loader = train_loader
@@ -138,6 +167,7 @@ class CooldownHook:
         self._stateful = list(stateful)
         self.step_count = 0
         self._fork_lrs: Callable[[int], list[float]] | None = None
+        self._fork_groups: list[dict] = []  # param groups at the fork's start (DeepSpeed steps one group at a time)
         self._fork_k = 0
         self._fork_step = 0
         self._fork_bad_grad: int | None = None  # first fork step with a non-finite gradient
@@ -145,6 +175,9 @@ class CooldownHook:
             g.setdefault("initial_lr", g["lr"])
         self._handles = [_inner(o).register_step_pre_hook(self._pre_step) for o in optimizers]
         self._apply_main_lr()
+        cost = self.engine.cost_line(max_steps, eval_every)
+        if cost is not None and self.verbose and self.rank == 0:
+            print(f"[cooldown] {cost}", flush=True)
 
     # -- LR ----------------------------------------------------------------------------------
     @property
@@ -161,7 +194,7 @@ class CooldownHook:
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._fork_lrs is not None:
             lrs = self._fork_lrs(self._fork_k)
-            for g, lr in zip(self._groups, lrs):
+            for g, lr in zip(self._fork_groups, lrs):
                 g["lr"] = lr
             if self._fork_bad_grad is None and not _grads_finite(optimizer):
                 self._fork_bad_grad = self._fork_step + self._fork_k
@@ -180,8 +213,8 @@ class CooldownHook:
         rec = None
         suffix = self._suffix()
         if self.engine.should_fork(t, evaluating=evaluating):
-            rec = self.engine.fork(t, _HookRunner(self), suffix=suffix, main_metrics=metrics)
-            self._report(rec)
+            for rec in self.engine.fork_point(t, _HookRunner(self), suffix=suffix, main_metrics=metrics):
+                self._report(rec)
         else:
             start = self.engine.continue_due(t)
             if start is not None:
@@ -198,8 +231,9 @@ class CooldownHook:
         plan = self.engine.plan
         if not plan.at_end or t <= 0 or t in self.engine.completed:
             return None
-        rec = self.engine.fork(t, _HookRunner(self), suffix=self._suffix(), main_metrics=metrics)
-        self._report(rec)
+        rec = None
+        for rec in self.engine.fork_point(t, _HookRunner(self), suffix=self._suffix(), main_metrics=metrics):
+            self._report(rec)
         return rec
 
     def record_grad_norm(self, norm: float | torch.Tensor) -> None:
@@ -239,9 +273,13 @@ class CooldownHook:
 
     def _report(self, rec: ForkRecord) -> None:
         if self.verbose and self.rank == 0:
+            if rec.status == "skipped":
+                print(f"[cooldown] step {rec.step}: skipped ({rec.reason})", flush=True)
+                return
             m = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.metrics.items())
             status = m if rec.status == "ok" else f"FAILED ({rec.error})"
-            print(f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}) -> {status} "
+            label = f" [{rec.label}]" if rec.label else ""
+            print(f"[cooldown] step {rec.step}{label}: {rec.cooldown_steps} cooldown steps ({rec.shape}) -> {status} "
                   f"in {rec.seconds:.1f}s", flush=True)
 
     _Runner = _HookRunner  # the engine's view of this hook for one fork

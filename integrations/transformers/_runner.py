@@ -23,7 +23,10 @@ class _TrainerRunner:
     One cooldown step repeats the body of ``Trainer._run_epoch`` for one optimizer step:
     ``get_batch_samples``, per micro-batch ``_set_sync_gradients`` + ``no_sync`` (all but the last) +
     ``training_step`` on ``model_wrapped``, then ``_clip_grad_norm``, ``optimizer.step()`` and
-    ``zero_grad``. Other callbacks' step events are not called during a fork.
+    ``zero_grad``. Other callbacks' step events are not called during a fork. Under DeepSpeed (ZeRO-0/1/2)
+    the last micro-batch's ``accelerator.backward`` runs ``engine.step`` (DeepSpeed clips, steps and
+    zeroes; ``optimizer.step()`` is a no-op), so the fork's LRs are set before the micro-batches, and
+    no micro-batch runs under ``no_sync`` (as in the Trainer's own loop).
 
     Private internals used (pinned: transformers 5.23, accelerate 1.15; the tests in
     tests/test_transformers.py fail if they move): ``Trainer._clip_grad_norm``,
@@ -55,7 +58,8 @@ class _TrainerRunner:
         scaler = getattr(t.accelerator, "scaler", None)
         if scaler is not None:
             stateful.append(scaler)
-        # the wrapped (DDP) model too: its buffer/grad sync flags are main-branch state (deduplicated tensors)
+        # the wrapped model too: DDP's buffer/grad sync flags, a DeepSpeed engine's counters, loss scaler and
+        # LR scheduler are main-branch state (tensors are deduplicated; the fp32 masters are the optimizer's params)
         modules = [t.model] if t.model_wrapped is t.model else [t.model, t.model_wrapped]
         return Snapshot.take(modules=modules, optimizers=[self.opt], stateful=stateful, extras=extras,
                              storage=self.cb.snapshot_storage, directory=self.cb._engine.dirpath)
@@ -81,12 +85,16 @@ class _TrainerRunner:
         t.current_gradient_accumulation_steps = len(batch_samples)
         model = t.model_wrapped
         gs = t.accelerator.gradient_state
+        deepspeed = getattr(t, "is_deepspeed_enabled", False)
+        if deepspeed:  # the optimizer steps inside the last micro-batch's backward
+            for g, lr in zip(self.opt.param_groups, lrs):
+                g["lr"] = lr
         total = 0.0
         for i, inputs in enumerate(batch_samples):
             last = i == len(batch_samples) - 1
             gs._set_sync_gradients(last)
             sync_each = gs.plugin_kwargs.get("sync_each_batch", False)
-            ctx = contextlib.nullcontext() if (last or sync_each) else t.accelerator.no_sync(model=model)
+            ctx = contextlib.nullcontext() if (last or sync_each or deepspeed) else t.accelerator.no_sync(model=model)
             with ctx:
                 loss = t.training_step(model, inputs, num_items)
             total += float(loss.detach().float().sum()) if torch.is_tensor(loss) else float(loss)
@@ -99,12 +107,17 @@ class _TrainerRunner:
         return total
 
     def evaluate(self) -> dict:
+        # logged (log_history, TensorBoard) with the cooldown's label when the plan has several; recorded
+        # under the plain prefix (the record's ``label`` tells them apart)
         prefix = self.cb.metric_key_prefix
-        metrics = self.t.evaluate(metric_key_prefix=prefix)
+        label = self.cb._engine.active_label
+        logged = f"{prefix}_{label}" if label else prefix
+        metrics = self.t.evaluate(metric_key_prefix=logged)
         out = {}
         for k, v in metrics.items():
-            if not k.startswith(prefix + "_"):
+            if not k.startswith(logged + "_"):
                 continue
+            k = prefix + k[len(logged):]
             try:
                 out[k] = float(v.item() if hasattr(v, "item") else v)
             except (TypeError, ValueError):
@@ -141,10 +154,6 @@ def _holds(trainer: Any, cb: Any) -> bool:
     return any(c is cb for c in getattr(handler, "callbacks", ()))
 
 
-def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
+_inner = sharding.torch_optimizer  # behind AcceleratedOptimizer (and DeepSpeed's ZeRO optimizer)
 
 
