@@ -368,7 +368,7 @@ def invalid_plan_configs(draw) -> tuple[dict, str]:
                 "every": draw(st.integers(1, c + r - 1)) if c + r > 1 else 0}, \
             "must fit between forks" if c + r > 1 else r"Invalid every \("
     bad = {"mode": ["restart", None, "Continue"], "data": ["peeks", 3, None], "seed": [-1, 2.5, "0", None],
-           "rewarm_steps": [-1, 2.5, "1", None], "on_fork_error": ["ignore", None], "cooldown": ["1-sqrt", None, 0.2]}
+           "rewarm_steps": [-1, 2.5, "1", None], "on_fork_error": ["ignore", None], "cooldown": ["1-sqrt", [], 0.2]}
     if fault == "rewarm_steps":
         base["mode"] = "continue"
     return {**base, "every": 10, fault: draw(st.sampled_from(bad[fault]))}, rf"Invalid {fault} \("
