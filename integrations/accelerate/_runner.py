@@ -118,6 +118,11 @@ class _HookRunner:
             h.accelerator.step = 0
         h._active = self
         h.model.train()
+        # A loop that zeroes gradients at the start of a step still holds the last step's gradients here: the
+        # first cooldown update must not add them in (the snapshot puts them back for the main branch).
+        # A DeepSpeed engine owns its gradients (zeroed in its step).
+        if h._ds_engine is None:
+            h.model.zero_grad(set_to_none=True)
 
     def pre_step(self, optimizer: torch.optim.Optimizer) -> None:
         """A fork's optimizer step is about to run: the LRs of the cooldown step being run (``_k``), for the

@@ -107,12 +107,17 @@ class _TrainerRunner:
         return total
 
     def evaluate(self) -> dict:
+        # logged (log_history, TensorBoard) with the cooldown's label when the plan has several; recorded
+        # under the plain prefix (the record's ``label`` tells them apart)
         prefix = self.cb.metric_key_prefix
-        metrics = self.t.evaluate(metric_key_prefix=prefix)
+        label = self.cb._engine.active_label
+        logged = f"{prefix}_{label}" if label else prefix
+        metrics = self.t.evaluate(metric_key_prefix=logged)
         out = {}
         for k, v in metrics.items():
-            if not k.startswith(prefix + "_"):
+            if not k.startswith(logged + "_"):
                 continue
+            k = prefix + k[len(logged):]
             try:
                 out[k] = float(v.item() if hasattr(v, "item") else v)
             except (TypeError, ValueError):

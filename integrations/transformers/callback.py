@@ -59,7 +59,9 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             ``ForkPlan()`` - fork at every evaluation with a 20% 1-sqrt cooldown.
         dirpath: where cooled models and ``forks.jsonl`` go (default ``<output_dir>/cooldowns``).
         filename: name of each cooled model's directory, with ``{step}`` and ``{cooldown}``.
-        metric_key_prefix: prefix of the cooled evaluation's metrics (``cooldown_loss``, ...).
+        metric_key_prefix: prefix of the cooled evaluation's metrics (``cooldown_loss``, ...); with
+            several cooldowns per fork point their label follows in the logged names
+            (``cooldown_50steps_loss``), while the records keep ``cooldown_loss`` and a ``label``.
         snapshot_storage: where the main branch's copy waits during a fork: ``"cpu"`` (default),
             ``"device"`` or ``"disk"``.
         save_format: ``"full"`` (default): each cooled model is a ``save_pretrained`` folder that
@@ -313,6 +315,11 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         self._engine = engine
         self._pending_state = None
         self._eval_record_step = {}
+        cost = engine.cost_line(state.max_steps, eval_every)
+        if cost is not None:
+            logger.info(f"CooldownTrainerCallback: {cost}")
+            if self.verbose and is_zero:
+                print(f"[cooldown] {cost}", flush=True)
         if self.schedule is not None:
             self._drive_lr(trainer, state.global_step)
         elif str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) in _DECAYING_SCHEDULERS:
@@ -374,17 +381,19 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         self._in_fork = True
         try:
             if continue_start is None:
-                rec = e.fork(step, runner)
+                recs = e.fork_point(step, runner)
             else:
-                rec = e.finish_continue(continue_start, step, runner)
-            self._eval_record_step[step] = rec.step
-            if rec.status == "ok":
-                logs = {f"{self.metric_key_prefix}_steps": float(rec.cooldown_steps),
-                        f"{self.metric_key_prefix}_seconds": round(rec.seconds, 4)}
-            else:
-                logs = {f"{self.metric_key_prefix}_steps": float(rec.cooldown_steps),
-                        f"{self.metric_key_prefix}_failed": 1.0}
-            trainer.log(logs)
+                recs = [e.finish_continue(continue_start, step, runner)]
+            for rec in recs:
+                self._eval_record_step[step] = rec.step
+                prefix = self.metric_key_prefix + (f"_{rec.label}" if rec.label else "")
+                if rec.status == "skipped":
+                    continue
+                if rec.status == "ok":
+                    logs = {f"{prefix}_steps": float(rec.cooldown_steps), f"{prefix}_seconds": round(rec.seconds, 4)}
+                else:
+                    logs = {f"{prefix}_steps": float(rec.cooldown_steps), f"{prefix}_failed": 1.0}
+                trainer.log(logs)
         finally:
             self._in_fork = False
             if rng is not None:
@@ -392,14 +401,18 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             for c, saved in flags:
                 for k, v in saved.items():
                     setattr(c, k, v)
-        self._report(rec)
-        return rec
+        for rec in recs:
+            self._report(rec)
+        return recs[-1]
 
     def _report(self, rec: ForkRecord) -> None:
         status = ", ".join(f"{k}={v:.4f}" for k, v in rec.metrics.items() if k.endswith("_loss")) \
             if rec.status == "ok" else f"FAILED ({rec.error})"
-        line = (f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}, {rec.mode}) -> "
+        label = f" [{rec.label}]" if rec.label else ""
+        line = (f"[cooldown] step {rec.step}{label}: {rec.cooldown_steps} cooldown steps ({rec.shape}, {rec.mode}) -> "
                 f"{status} in {rec.seconds:.1f}s")
+        if rec.status == "skipped":
+            line = f"[cooldown] step {rec.step}{label}: skipped ({rec.reason})"
         logger.info(line)
         if self.verbose and self._engine is not None and self._engine.is_global_zero:
             print(line, flush=True)
