@@ -118,7 +118,7 @@ FAULTS: list[Fault] = [
            "tests/test_lightning.py::test_sigterm_during_fork_restores_first_then_cools_the_final_model"]),
     Fault("rerun-finished-forks", "after a resume, forks this run finished after its checkpoint are run again",
           [Edit(ENGINE, "if not self._resumed:", "if True:  # never look for finished forks")],
-          ["tests/test_reliability.py::test_resumed_run_does_not_redo_forks_it_finished_and_a_new_run_is_not_confused"]),
+          ["tests/test_reliability.py::test_resumed_run_does_not_redo_forks_it_finished_and_a_new_run_is_refused"]),
 ]
 
 
