@@ -42,3 +42,18 @@ def test_two_process_trainer_forks_without_hang_and_saves_once(tmp_path):
     assert [x["step"] for x in read_records(cooled)] == [4, 8]
     assert (cooled / "cooled-step=00000008-cd=3" / "model.safetensors").exists()
     assert res.stdout.count("[cooldown] step") == 2  # printed by the main process only
+
+
+@pytest.mark.parametrize("flags", [[], ["ddp_backend=gloo"]])
+def test_torchrun_on_cpu_without_use_cpu_stops_before_the_first_step(flags, tmp_path):
+    """Without --use_cpu (and --ddp_backend gloo) each process runs as rank 0 of a world of 1 (records written
+    twice), or without DDP (losses not those of one run): both processes stop, naming the flags to use."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(Path(__file__).with_name("_hf_launch_script.py")), str(tmp_path), *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode != 0
+    assert res.stderr.count("pass --use_cpu --ddp_backend gloo") >= 2, res.stderr[-4000:]  # both ranks say it
+    assert "launched as 2 processes (WORLD_SIZE=2)" in res.stderr
+    assert [(tmp_path / f"steps-{r}.txt").read_text() for r in range(2)] == ["0", "0"]
+    assert not (tmp_path / "cooldowns" / "forks.jsonl").exists()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import torch
 from transformers import Trainer
 
+from cooldown_callbacks.engine import ForkError
 from cooldown_callbacks.snapshot import Snapshot
-from ._data import _cooldown_groups
+
+from ._data import DATA_SOURCES, _cooldown_groups
 
 if TYPE_CHECKING:
     from .callback import CooldownTrainerCallback
@@ -34,11 +37,14 @@ class _TrainerRunner:
     (``set_initial_training_values``, ``_init_training_state``).
     """
 
-    def __init__(self, cb: CooldownTrainerCallback, trainer: Trainer) -> None:
+    def __init__(self, cb: CooldownTrainerCallback, trainer: Trainer, *, keep_cooled: bool = False) -> None:
         self.cb, self.t = cb, trainer
         self.opt = _inner(trainer.optimizer)
         self._groups: Iterator | None = None
         self._modes: list = []
+        self.data_source: str | None = None
+        self.keep_cooled = keep_cooled  # final_model="cooled": keep a copy of the cooled weights after saving
+        self.cooled: list[torch.Tensor] | None = None
 
     def snapshot(self) -> Snapshot:
         t = self.t
@@ -49,6 +55,9 @@ class _TrainerRunner:
             (lambda: (list(gs._dataloader_references_ref), gs.sync_gradients),
              lambda v: (setattr(gs, "_dataloader_references_ref", list(v[0])), gs._set_sync_gradients(v[1]))),
         ]
+        # what the Trainer (subclass) accumulates in compute_loss, e.g. TRL's _metrics and _total_train_tokens
+        extras += [(functools.partial(getattr, t, name), functools.partial(setattr, t, name))
+                   for name in self.cb._isolated_attributes(t)]
         stateful = [t.lr_scheduler]
         scaler = getattr(t.accelerator, "scaler", None)
         if scaler is not None:
@@ -68,9 +77,14 @@ class _TrainerRunner:
         return [float(g["lr"]) for g in self.opt.param_groups]
 
     def begin(self, step: int, cooldown_steps: int) -> None:
-        t = self.t
+        t, cb = self.t, self.cb
         self._modes = [(m, m.training) for m in t.model.modules()]
-        self._groups = _cooldown_groups(self.cb, t, step)
+        self.data_source = DATA_SOURCES[cb._data_kind]
+        if cb._data_kind == "peek-stream":
+            moved = cb._stream.rng_moved_at if cb._stream is not None else None
+            if self.any_rank(moved is not None):
+                raise ForkError(_RNG_STREAM.format(where=f"at step {moved}" if moved is not None else "on another rank"))
+        self._groups = _cooldown_groups(cb, t, step)
 
     def train_step(self, lrs: Sequence[float]) -> float | None:
         t, args = self.t, self.t.args
@@ -97,8 +111,33 @@ class _TrainerRunner:
         return total
 
     def evaluate(self) -> dict:
+        """``trainer.evaluate(metric_key_prefix=<prefix>)``. What a Trainer subclass adds to that evaluation's
+        metrics under the main evaluation's ``eval_`` prefix (TRL's ``log`` adds ``eval_entropy``,
+        ``eval_mean_token_accuracy``, ...) describes the cooled model: it is renamed to the cooled prefix
+        (in place, so ``log_history``, ``report_to`` integrations, ``on_evaluate`` and the record agree)."""
         prefix = self.cb.metric_key_prefix
-        metrics = self.t.evaluate(metric_key_prefix=prefix)
+        handler, state = self.t.callback_handler, self.t.state
+        on_log, own = handler.on_log, handler.__dict__.get("on_log")
+
+        def rename(d: dict) -> None:
+            for k in [k for k in d if k.startswith("eval_")]:
+                d[prefix + k[4:]] = d.pop(k)
+
+        def on_log_cooled(args, st, control, logs=None, **kwargs):
+            last = state.log_history[-1] if state.log_history else {}
+            if logs and set(last) - {"step"} == set(logs):  # the entry Trainer.log appended for these logs
+                rename(last)
+            rename(logs or {})  # the dict Trainer.evaluate then passes to on_evaluate and returns
+            return on_log(args, st, control, logs, **kwargs)
+
+        handler.on_log = on_log_cooled
+        try:
+            metrics = self.t.evaluate(metric_key_prefix=prefix)
+        finally:
+            if own is None:
+                del handler.on_log
+            else:
+                handler.on_log = own
         out = {}
         for k, v in metrics.items():
             if not k.startswith(prefix + "_"):
@@ -111,6 +150,8 @@ class _TrainerRunner:
 
     def save(self, path: Path) -> None:
         self.t.save_model(str(path), _internal_call=True)
+        if self.keep_cooled:
+            self.cooled = [x.detach().to("cpu", copy=True) for x in _weights(self.t.model)]
 
     def end(self) -> None:
         for m, mode in self._modes:
@@ -128,6 +169,18 @@ class _TrainerRunner:
     def barrier(self) -> None:
         if self.t.args.world_size > 1:
             self.t.accelerator.wait_for_everyone()
+
+
+_RNG_STREAM = ("data='peek' on a streaming train_dataset: producing a batch drew from the global random number "
+               "generator ({where}; e.g. a masking collator or a random crop in the dataset's __iter__), so batches "
+               "drawn ahead for a cooldown would differ from the main branch's; no fork cools on them. Use "
+               "ForkPlan(data='fresh') or an iterable of cooldown batches, or draw that randomness in DataLoader "
+               "workers (dataloader_num_workers > 0).")
+
+
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers, in a fixed order (a cooled copy is loaded back in the same order)."""
+    return [*model.parameters(), *model.buffers()]
 
 
 def _holds(trainer: Any, cb: Any) -> bool:
