@@ -65,7 +65,7 @@ def check_launch(trainer: Trainer) -> None:
         "that each process sees its device (LOCAL_RANK) and the ddp_backend.")
 
 
-def check_siblings(cb: CooldownTrainerCallback, trainer: Trainer, dirpath: Path) -> None:
+def check_siblings(cb: CooldownTrainerCallback, trainer: Trainer) -> None:
     """Several callbacks in one Trainer: one LR driver at most, distinct folders and metric prefixes."""
     seen: dict[int, Any] = {}
     for c in trainer.callback_handler.callbacks:
@@ -80,14 +80,16 @@ def check_siblings(cb: CooldownTrainerCallback, trainer: Trainer, dirpath: Path)
             f"Invalid callbacks: {len(drivers)} CooldownTrainerCallbacks with a schedule in one Trainer; only one can "
             "drive the learning rate (the other's forks would run at the main branch's LR and be saved as cooled). "
             "To compare cooldowns at the same fork points, give one callback several: ForkPlan(cooldown=[...]).")
-    dirs = [_dirpath(c, trainer).resolve() for c in mine]
-    if len(set(dirs)) < len(dirs):
-        raise ValueError(f"Invalid dirpath ({str(dirpath)!r}): {len(mine)} CooldownTrainerCallbacks in one Trainer "
+    dirs = [_dirpath(c, trainer) for c in mine]
+    shared = [d for i, d in enumerate(dirs) if d.resolve() in {e.resolve() for e in dirs[:i]}]
+    if shared:
+        raise ValueError(f"Invalid dirpath ({str(shared[0])!r}): several CooldownTrainerCallbacks in one Trainer "
                          "write there; their cooled models and records would mix. Give each its own dirpath=.")
     prefixes = [c.metric_key_prefix for c in mine]
-    if len(set(prefixes)) < len(prefixes):
-        raise ValueError(f"Invalid metric_key_prefix ({cb.metric_key_prefix!r}): {len(mine)} CooldownTrainerCallbacks "
-                         "in one Trainer log their cooled metrics under it; give each its own metric_key_prefix=.")
+    shared = [p for i, p in enumerate(prefixes) if p in prefixes[:i]]
+    if shared:
+        raise ValueError(f"Invalid metric_key_prefix ({shared[0]!r}): several CooldownTrainerCallbacks in one "
+                         "Trainer log their cooled metrics under it; give each its own metric_key_prefix=.")
 
 
 def _dirpath(cb: CooldownTrainerCallback, trainer: Trainer) -> Path:

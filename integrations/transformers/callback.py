@@ -308,7 +308,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
                              "step); use DDP or FSDP.")
         check_launch(trainer)
         dirpath = Path(self.dirpath) if self.dirpath is not None else Path(args.output_dir) / "cooldowns"
-        check_siblings(self, trainer, dirpath)
+        check_siblings(self, trainer)
         if trainer.eval_dataset is None:
             raise ValueError("CooldownTrainerCallback needs eval_dataset=... on the Trainer: every cooled model is "
                              "evaluated with trainer.evaluate().")
