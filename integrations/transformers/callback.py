@@ -22,7 +22,7 @@ from cooldown_callbacks.schedules import Schedule, schedule_from_dict
 from cooldown_callbacks.snapshot import STORAGES, capture_rng, restore_rng
 
 from . import _stream
-from ._checks import check_launch, check_siblings, claim_dirpath, note_schedule, scheduler_name, DECAYING_SCHEDULERS
+from ._checks import DECAYING_SCHEDULERS, check_launch, check_siblings, claim_dirpath, note_schedule, scheduler_name
 from ._data import _data_kind
 from ._outputs import end_on_cooled, report, restored_record
 from ._runner import _TrainerRunner, _holds
@@ -33,7 +33,7 @@ logger = logging.get_logger("cooldown_callbacks.integrations.transformers")
 
 _RESERVED_PREFIXES = ("eval", "train", "test")
 FINAL_MODELS = ("main", "cooled")
-# What TRL's trainers (SFTTrainer, DPOTrainer, GRPOTrainer, ...) accumulate in compute_loss for their logs.
+# What TRL's trainers accumulate between logging steps (SFTTrainer: in compute_loss), put back after each fork.
 TRL_ATTRIBUTES = ("_metrics", "_total_train_tokens")
 # The callback the user passed to a Trainer, kept so a callback that the Trainer re-creates from a
 # checkpoint (restore_callback_states_from_checkpoint=True) can take back what JSON cannot store.
@@ -446,6 +446,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         report(self, trainer, rec)
         stream = self._stream
         if self._data_kind == "peek-stream" and runner.any_rank(stream is not None and stream.moved_in_fork):
+            _stream.uninstall(trainer, self)
             raise RuntimeError(
                 f"CooldownTrainerCallback: the fork at step {step} drew the main branch's next batches from its "
                 "streaming train_dataset, and producing them drew from the global random number generator (e.g. a "
