@@ -38,6 +38,11 @@ def is_int(v, lo):
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= lo
 
 
+def is_steps(v, lo):
+    """A schedule's step count: an int, or an integral float (transformers 5 types warmup_steps as a float)."""
+    return is_int(v, lo) or (isinstance(v, float) and math.isfinite(v) and v.is_integer() and v >= lo)
+
+
 def is_real_in(v, lo, hi, open_lo=False, open_hi=False):
     if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
         return False
@@ -74,10 +79,10 @@ def build_main(kw):
     kind = kw["kind"]
     faults = {}
     if kind == "Noam":
-        if not is_int(kw["warmup_steps"], 1):
+        if not is_steps(kw["warmup_steps"], 1):
             faults["warmup_steps"] = "warmup_steps"
         return check_refusal(lambda: Noam(kw["warmup_steps"]), faults)
-    if not is_int(kw["warmup_steps"], 0):
+    if not is_steps(kw["warmup_steps"], 0):
         faults["warmup_steps"] = "warmup_steps"
     if kw["warmup_shape"] not in WARMUP_SHAPES:
         faults["warmup_shape"] = "warmup_shape"
@@ -85,7 +90,7 @@ def build_main(kw):
         faults["warmup_start"] = "warmup_start"
     args = dict(warmup_steps=kw["warmup_steps"], warmup_shape=kw["warmup_shape"], warmup_start=kw["warmup_start"])
     if kind == "RSqrt":
-        if kw["timescale"] is not None and not is_int(kw["timescale"], 1):
+        if kw["timescale"] is not None and not is_steps(kw["timescale"], 1):
             faults["timescale"] = "timescale"
         return check_refusal(lambda: RSqrt(timescale=kw["timescale"], **args), faults)
     return check_refusal(lambda: WSD(**args), faults)
@@ -109,7 +114,7 @@ def build_cooldown(kw):
     faults = {}
     if (kw["steps"] is None) == (kw["fraction"] is None):
         faults["steps/fraction"] = "exactly one of steps"
-    elif kw["steps"] is not None and not is_int(kw["steps"], 1):
+    elif kw["steps"] is not None and not is_steps(kw["steps"], 1):
         faults["steps"] = "Cooldown steps"
     elif kw["fraction"] is not None and not is_real_in(kw["fraction"], 0, 1, open_lo=True, open_hi=True):
         faults["fraction"] = "Cooldown fraction"

@@ -34,7 +34,11 @@ class _TrainerRunner:
     ``GradientState._dataloader_references_ref`` and ``plugin_kwargs["sync_each_batch"]``; for
     ``data="peek"`` the batch-sampler chain of accelerate's prepared loader (``.batch_sampler``,
     ``.sampler``, ``SeedableRandomSampler``) and the Trainer's epoch arithmetic
-    (``set_initial_training_values``, ``_init_training_state``).
+    (``set_initial_training_values``, ``_init_training_state``); for a streaming ``train_dataset`` what
+    ``_stream.py`` lists. The cooled evaluation wraps ``trainer.callback_handler.on_log`` (an instance
+    attribute, removed after) to give a subclass's ``eval_*`` additions the cooled prefix; TRL's
+    ``_metrics``/``_total_train_tokens`` are the default ``trainer_attributes`` (tests in
+    tests/test_transformers_scripts.py).
     """
 
     def __init__(self, cb: CooldownTrainerCallback, trainer: Trainer, *, keep_cooled: bool = False) -> None:
