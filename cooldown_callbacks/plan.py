@@ -15,6 +15,7 @@ __all__ = ["ForkPlan", "plan_lost_data", "MODES", "DATA_SOURCES", "ON_FORK_ERROR
 MODES = ("branch", "continue")
 DATA_SOURCES = ("auto", "peek", "fresh")
 ON_FORK_ERROR = ("record", "raise")
+_DEFAULT_COOLDOWN = Cooldown(fraction=0.2, shape="1-sqrt")
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ForkPlan:
     - ``geometric=(first, ratio)``: ``first, first*ratio, first*ratio^2, ...`` (rounded, distinct).
     - ``on_eval=True``: whenever the framework evaluates the main branch (adapters only).
 
-    ``cooldown`` is the decay (default: 20% of the cooled run, 1-sqrt, Hägele et al.'s recipe).
+    ``cooldown`` is the decay (default ``None``: 20% of the cooled run, 1-sqrt, Hägele et al.'s recipe).
 
     ``mode="branch"`` (WSD): snapshot, cool, evaluate, save, restore - the main branch goes on as if
     the fork had not happened. ``mode="continue"`` (WSD-S): the decay steps are main-branch steps, the
@@ -56,7 +57,7 @@ class ForkPlan:
     at: Sequence[int] | None = None
     geometric: tuple[int, float] | None = None
     on_eval: bool | None = None
-    cooldown: Cooldown = Cooldown(fraction=0.2, shape="1-sqrt")
+    cooldown: Cooldown | None = None
     mode: Literal["branch", "continue"] = "branch"
     data: Any = "auto"
     at_end: bool = False
@@ -95,6 +96,10 @@ class ForkPlan:
             if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not math.isfinite(ratio) or ratio <= 1:
                 raise ValueError(f"Invalid geometric ratio ({ratio!r}): must be a number > 1.")
             object.__setattr__(self, "geometric", (int(first), float(ratio)))
+        if self.cooldown is None:
+            # the default is resolved here, not in the field: a config system that merges user values into
+            # the field's default (jsonargparse / LightningCLI) would otherwise add fraction=0.2 to steps=...
+            object.__setattr__(self, "cooldown", _DEFAULT_COOLDOWN)
         if not isinstance(self.cooldown, Cooldown):
             raise ValueError(f"Invalid cooldown ({self.cooldown!r}): must be a Cooldown(steps=... or fraction=...).")
         if self.mode not in MODES:

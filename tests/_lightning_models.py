@@ -14,12 +14,15 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from charlm import splits  # noqa: E402
+
+from cooldown_callbacks import WSD, Cooldown, ForkPlan  # noqa: E402
 
 BLOCK = 16
 _DATA: dict = {}
@@ -129,6 +132,71 @@ class CharData(L.LightningDataModule):
         return DataLoader(Subset(val, range(self.n_val)), batch_size=self.batch_size)
 
 
+class TwoOptimizerModel(CharModel):
+    """Manual optimization with two optimizers stepped in every ``training_step`` (a GAN's pattern):
+    ``global_step`` moves by 2 per batch. ``schedulers=True`` adds a LambdaLR per optimizer, stepped once
+    per batch (the reference a run without the callback uses)."""
+
+    def __init__(self, schedule: Callable | None = None, **kw) -> None:
+        super().__init__(manual=True, **kw)
+        self.schedule = schedule
+
+    def training_step(self, batch, batch_idx):
+        opt_body, opt_head = self.optimizers()
+        for opt in (opt_body, opt_head):  # one update each, on the same batch, like generator/discriminator
+            loss, _ = self._loss(batch)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        for sch in self.lr_schedulers() or []:
+            sch.step()
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        head = list(self.head.parameters())
+        body = [p for n, p in self.named_parameters() if not n.startswith("head.")]
+        opts = [torch.optim.AdamW(body, lr=self.hparams.lr), torch.optim.AdamW(head, lr=self.hparams.lr / 2)]
+        if self.schedule is None:
+            return opts
+        return opts, [torch.optim.lr_scheduler.LambdaLR(o, self.schedule) for o in opts]
+
+
+class TextStream(IterableDataset):
+    """The training windows in order, as a stream (an ``IterableDataset`` without length).
+
+    ``shared=True``: every iterator continues from one shared read position (a socket, a pipe, a
+    file handle): a second iterator takes batches from the first. ``random_skip=True``: the stream
+    skips windows at random with the main process's global RNG (a shuffle buffer without a seed).
+    """
+
+    def __init__(self, n: int = 64, shared: bool = False, random_skip: bool = False) -> None:
+        self.n, self.shared, self.random_skip = n, shared, random_skip
+        self._position = [0]
+
+    def __iter__(self):
+        position = self._position if self.shared else [0]
+        train, _ = text_data()
+        while position[0] < self.n:
+            i = position[0]
+            position[0] += 1 + (int(torch.randint(0, 2, ())) if self.random_skip else 0)
+            yield train[i]
+
+
+class StreamData(L.LightningDataModule):
+    """A plain ``DataLoader`` over :class:`TextStream` (batch 4); validation as :class:`CharData`."""
+
+    def __init__(self, n_train: int = 64, n_val: int = 8, **stream) -> None:
+        super().__init__()
+        self.n_train, self.n_val, self.stream = n_train, n_val, stream
+
+    def train_dataloader(self):
+        return DataLoader(TextStream(self.n_train, **self.stream), batch_size=4)
+
+    def val_dataloader(self):
+        return CharData(n_val=self.n_val).val_dataloader()
+
+
 def trainer_kwargs(tmp: Path, **kw) -> dict:
     """Quiet, fast, deterministic defaults for a test Trainer."""
     base = dict(accelerator="cpu", devices=1, default_root_dir=str(tmp), enable_progress_bar=False,
@@ -136,6 +204,54 @@ def trainer_kwargs(tmp: Path, **kw) -> dict:
                 log_every_n_steps=1, deterministic=True)
     base.update(kw)
     return base
+
+
+SCHEDULE = WSD(warmup_steps=3)
+
+
+def lambda_scheduler(schedule):
+    return lambda opt: schedule.lambda_lr(opt)
+
+
+def fit(tmp: Path, name: str, *, cb=None, scheduler=None, model_kw=None, data_kw=None, model=None, data=None,
+        callbacks=(), ckpt_path=None, seed: int = 0, logger=True, poison=None, fail_val=None,
+        holder: list | None = None, **trainer_kw):
+    """One seeded ``Trainer.fit`` (12 steps, validation every 4 by default); returns (trainer, model).
+
+    ``model``: a LightningModule class or factory, called after seeding (default ``CharModel(**model_kw)``);
+    ``data``: a DataModule (default ``CharData(**data_kw)``); ``logger``: ``True`` for ``CSVLogger(tmp, name, version=0)``, ``False``, or
+    a logger. ``scheduler``: ``optimizer -> LRScheduler`` for ``configure_optimizers``; ``poison`` /
+    ``fail_val``: ``module -> bool`` making the training loss NaN / ``validation_step`` raise; ``holder``
+    receives the model before ``fit`` (for runs that raise)."""
+    L.seed_everything(seed, verbose=False)
+    model = (model or CharModel)(**(model_kw or {}))
+    model.scheduler, model.poison, model.fail_val = scheduler, poison, fail_val
+    if holder is not None:
+        holder.append(model)
+    cbs = list(callbacks) + ([cb] if cb is not None else [])
+    kw = dict(max_steps=12, val_check_interval=4, check_val_every_n_epoch=None)
+    kw.update(trainer_kw)
+    if logger is True:
+        kw["logger"] = CSVLogger(tmp, name=name, version=0)
+    elif logger is not False:
+        kw["logger"] = logger
+    trainer = L.Trainer(**trainer_kwargs(tmp / name, callbacks=cbs, **kw))
+    trainer.fit(model, datamodule=CharData(**(data_kw or {})) if data is None else data, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def callback(tmp: Path, plan=None, schedule=SCHEDULE, **kw):
+    """A quiet ``CooldownCallback`` writing to ``tmp/cooled`` (default: a 3-step fork at every validation)."""
+    from cooldown_callbacks.integrations.lightning import CooldownCallback
+
+    plan = plan if plan is not None else ForkPlan(on_eval=True, cooldown=Cooldown(steps=3))
+    kw.setdefault("verbose", False)
+    kw.setdefault("dirpath", tmp / "cooled")
+    return CooldownCallback(schedule=schedule, plan=plan, **kw)
+
+
+def main_metrics(trainer) -> dict:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if not k.startswith("cooldown/")}
 
 
 def read_csv_metrics(path: Path, drop_prefix: str | None = None) -> list[dict]:

@@ -33,8 +33,9 @@ def _run(out: Path) -> None:
         model = CharModel()
         cb = None
         if name == "forks":
+            # the default dirpath (<default_root_dir>/cooled without a logger): resolved on rank 0, broadcast, claimed
             cb = CooldownCallback(schedule=schedule, plan=ForkPlan(on_eval=True, cooldown=Cooldown(steps=2)),
-                                  dirpath=out / "cooled", verbose=False)
+                                  verbose=False)
         else:
             model.scheduler = schedule.lambda_lr
         trainer = L.Trainer(**trainer_kwargs(out / name, strategy="ddp", devices=2, max_steps=8, val_check_interval=4,
@@ -42,6 +43,7 @@ def _run(out: Path) -> None:
         trainer.fit(model, datamodule=CharData(n_train=64))
         params, opt = params_and_optimizer(model, trainer)
         torch.save({"params": params, "opt": opt, "records": cb.records if cb else None,
+                    "dirpath": str(cb.dirpath) if cb else None,
                     "cooled_metric": float(trainer.callback_metrics["cooldown/val_loss"]) if cb else None,
                     "world_size": trainer.world_size},
                    out / f"{name}-rank{trainer.global_rank}.pt")
@@ -72,7 +74,8 @@ def test_ddp_two_cpu_processes(tmp_path):
     assert_bit_identical((params(0), []), (params(1), []))  # DDP keeps parameters in sync; BatchNorm stats are per rank
 
     # each cooled checkpoint written once, by rank 0, atomically; one record line per fork
-    cooled = tmp_path / "cooled"
+    cooled = tmp_path / "forks" / "cooled"
+    assert res["forks", 0]["dirpath"] == res["forks", 1]["dirpath"] == str(cooled)
     assert sorted(p.name for p in cooled.iterdir()) == [
         "cooled-step=00000004-cd=2.ckpt", "cooled-step=00000008-cd=2.ckpt", RECORDS_NAME]
     lines = [ln for ln in (cooled / RECORDS_NAME).read_text().splitlines() if '"type": "main_metrics"' not in ln]

@@ -14,8 +14,9 @@ untouched::
     trainer.fit(model, datamodule=dm)
 
 Main branch. With a ``schedule`` the callback drives the LR: every param group's LR is its base LR
-(``initial_lr``, the LR from ``configure_optimizers``) times ``schedule(t)``, ``t`` =
-``trainer.global_step``, forced in ``on_before_optimizer_step`` (automatic and manual optimization
+(``initial_lr``, the LR from ``configure_optimizers``) times ``schedule(t)``, ``t`` the steps done
+(``trainer.global_step``; under manual optimization, training batches that stepped an optimizer -
+see :class:`CooldownCallback`), forced in ``on_before_optimizer_step`` (automatic and manual optimization
 alike). A scheduler returned by ``configure_optimizers`` would fight it: that is an error at
 ``fit`` start. With ``schedule=None`` your own scheduler drives the main branch and forks decay from
 the current LR of each param group.
@@ -32,7 +33,8 @@ with ``MyModule.load_from_checkpoint``), records it in ``<dirpath>/forks.jsonl``
 main branch in place. ``ForkPlan(on_eval=True)`` forks exactly where Lightning validates.
 
 Metrics of the cooled model are logged to every logger under ``prefix`` (``cooldown/val_loss``)
-at the fork step and put in ``trainer.callback_metrics``; the main branch's metrics, its
+at the logger step of the main branch's validation at the fork step and put in
+``trainer.callback_metrics``; the main branch's metrics, its
 ``ModelCheckpoint`` and ``EarlyStopping`` never see cooled values, and what the fork's
 ``training_step`` logs is discarded. ``mode="continue"`` (WSD-S) decays in-loop on main-branch steps
 and evaluates/saves at the end of each window. The callback's state (completed forks, records, RNG)
@@ -49,11 +51,10 @@ LightningCLI / YAML::
             schedule: {class_path: cooldown_callbacks.WSD, init_args: {warmup_steps: 200}}
             plan:
               class_path: cooldown_callbacks.ForkPlan
-              init_args: {on_eval: true, cooldown: {steps: 500, fraction: null, shape: 1-sqrt}}
-            dirpath: checkpoints/cooled
+              init_args: {on_eval: true, cooldown: {steps: 500, shape: 1-sqrt}}
 
-(``fraction: null`` because jsonargparse merges the YAML into ForkPlan's default cooldown, which
-sets ``fraction``; a ``Cooldown`` takes exactly one of ``steps`` and ``fraction``.)
+(without ``dirpath`` the cooled checkpoints go to ``<log dir>/cooled``, next to the logger's
+``checkpoints``.)
 """
 
 

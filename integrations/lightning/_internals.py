@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import random
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Iterator, Sequence
 
+import numpy as np
 import torch
 
 import lightning.pytorch as pl
@@ -32,7 +35,10 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 #     .automatic_optimization: .optim_progress, ._make_step_fn, ._make_backward_fn,
 #         ._on_before_zero_grad, ._optimizer_zero_grad, ._skip_backward
 #     .manual_optimization: .run(kwargs), .optim_step_progress
-#   trainer.fit_loop._data_fetcher (.batches: batches Lightning prefetched but has not trained on)
+#   trainer.fit_loop._data_fetcher (.batches: batches Lightning prefetched but has not trained on;
+#       .iterator: where the next batches come from - a train stream's batches are drawn from it for a
+#       fork and put back in front of it; _DataLoaderIterDataFetcher: training_step takes the iterator)
+#   trainer.fit_loop.epoch_loop._batches_that_stepped (the step Lightning's loggers use for main metrics)
 #   lightning.pytorch.loops.optimization.automatic.Closure
 #   lightning.pytorch.loops.utilities._block_parallel_sync_behavior  (no DDP sync while accumulating)
 #   lightning.pytorch.loops.evaluation_loop._EvaluationLoop          (the cooled validation)
@@ -48,6 +54,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 # =================================================================================================
 
 from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
+from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
 from lightning.pytorch.loops.optimization.automatic import Closure
 from lightning.pytorch.loops.utilities import _block_parallel_sync_behavior
 from lightning.pytorch.trainer import call as _call
@@ -58,7 +65,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: F40
 PINNED_LIGHTNING = "2.6"
 
 _REQUIRED_EPOCH_LOOP = ("_should_check_val_fx", "_should_accumulate", "_results", "_build_kwargs", "val_loop",
-                        "automatic_optimization", "manual_optimization", "batch_idx", "_skip_next_val")
+                        "automatic_optimization", "manual_optimization", "batch_idx", "_skip_next_val",
+                        "_batches_that_stepped")
 _REQUIRED_AUTO = ("optim_progress", "_make_step_fn", "_make_backward_fn", "_on_before_zero_grad",
                   "_optimizer_zero_grad", "_skip_backward")
 _REQUIRED_CONNECTOR = ("_logged_metrics", "_callback_metrics", "_progress_bar_metrics", "_first_loop_iter",
@@ -115,10 +123,103 @@ def _will_validate(trainer: pl.Trainer) -> bool:
 def _prefetched_batches(trainer: pl.Trainer) -> list:
     """Batches Lightning already drew from the train loader but has not trained on (iterable datasets)."""
     fetcher = trainer.fit_loop._data_fetcher
-    out = []
-    for item in list(getattr(fetcher, "batches", None) or []):
-        out.append(item[0] if isinstance(item, tuple) and len(item) == 3 else item)
-    return out
+    return [_batch_of(item) for item in list(getattr(fetcher, "batches", None) or [])]
+
+
+def _batch_of(item: Any) -> Any:
+    return item[0] if isinstance(item, tuple) and len(item) == 3 else item
+
+
+def _uses_dataloader_iter(trainer: pl.Trainer) -> bool:
+    """Whether ``training_step`` takes the data iterator itself (Lightning then never fetches for it)."""
+    return isinstance(trainer.fit_loop._data_fetcher, _DataLoaderIterDataFetcher)
+
+
+def _rng_fingerprint() -> tuple:
+    py = random.getstate()
+    npy = np.random.get_state()
+    return py, npy[1].tobytes(), npy[2], bytes(torch.get_rng_state().numpy())
+
+
+class _HandedBack:
+    """The main branch's batch iterator with the batches a fork drew put back in front of it."""
+
+    def __init__(self, source: Iterator, ended: bool) -> None:
+        self.items: deque = deque()
+        self.source, self.ended = source, ended
+
+    def __iter__(self) -> "_HandedBack":
+        return self
+
+    def __next__(self) -> Any:
+        if self.items:
+            return self.items.popleft()
+        if self.ended:
+            raise StopIteration
+        return next(self.source)
+
+
+class _MainStreamPeek:
+    """The main branch's upcoming batches of a train stream, drawn from Lightning's train data fetcher.
+
+    First the batches the fetcher already prefetched, then batches drawn from the fetcher's iterator;
+    :meth:`hand_back` puts every drawn batch back in front of that iterator, in order, so the main
+    branch trains on exactly the batches it would have seen. The fork gets deep copies. ``draw(n)``
+    draws ahead (so every rank can agree on a shortfall before the first cooldown step).
+
+    Exact unless drawing a batch uses the main process's global RNG (a dataset that shuffles or
+    augments with it, ``num_workers=0``): the main branch's batches then get other random numbers
+    than in a run without forks. That is detected (the RNG state moves during a draw): ``rng_moved``
+    is set and no further batch is drawn.
+    """
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        fetcher = trainer.fit_loop._data_fetcher
+        if fetcher is None or fetcher.iterator is None:
+            raise RuntimeError("the train data iterator does not exist yet")
+        self._fetcher = fetcher
+        self._source = fetcher.iterator
+        self._prefetched = [_batch_of(item) for item in list(getattr(fetcher, "batches", None) or [])]
+        self._drawn: list = []
+        self._ended = False
+        self._used = 0
+        self.rng_moved = False
+
+    def draw(self, n: int) -> int:
+        """Draw until ``n`` batches are available (prefetched included); returns how many are."""
+        while len(self._prefetched) + len(self._drawn) < n and not self._ended:
+            before = _rng_fingerprint()
+            try:
+                item = next(self._source)
+            except StopIteration:
+                self._ended = True
+                break
+            self._drawn.append(item)
+            if _rng_fingerprint() != before:
+                self.rng_moved = True
+                break
+        return len(self._prefetched) + len(self._drawn)
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self) -> Any:
+        k = self._used
+        if self.draw(k + 1) <= k or self.rng_moved:
+            raise StopIteration
+        self._used += 1
+        p = len(self._prefetched)
+        return copy.deepcopy(self._prefetched[k] if k < p else _batch_of(self._drawn[k - p]))
+
+    def hand_back(self) -> None:
+        """Put the drawn batches back in front of the main branch's iterator (idempotent)."""
+        if not self._drawn and not self._ended:
+            return
+        target = self._source if isinstance(self._source, _HandedBack) else _HandedBack(self._source, False)
+        target.items.extendleft(reversed(self._drawn))
+        target.ended = target.ended or self._ended
+        self._fetcher.iterator = target
+        self._drawn, self._ended = [], False
 
 
 def _progress_extras(trainer: pl.Trainer) -> list:
@@ -218,12 +319,14 @@ def _module_train_modes(trainer: pl.Trainer) -> Any:
     return trainer.fit_loop.epoch_loop.val_loop._module_mode
 
 
-def _cooled_validation(trainer: pl.Trainer, keep_callbacks: Sequence[Callback]) -> dict[str, float]:
+def _cooled_validation(trainer: pl.Trainer, keep_callbacks: Sequence[Callback]) -> tuple[dict[str, float], set]:
     """Run ``validation_step`` over the validation data with a separate ``_EvaluationLoop``.
 
     ``trainer.validate()`` cannot be used inside ``fit``. The loop shares the main loop's validation
-    loaders; while it runs the loggers and all callbacks but ``keep_callbacks`` are hidden, and the
-    logger connector's metric dicts are restored afterwards. Returns the callback metrics it produced.
+    loaders; while it runs the loggers and all callbacks but ``keep_callbacks`` are hidden (the
+    progress bar too: it would show the cooled metrics under the main branch's names), and the logger
+    connector's metric dicts are restored afterwards. Returns the callback metrics it produced and the
+    names of those logged with ``prog_bar=True``.
     """
     loop = trainer.fit_loop.epoch_loop
     main_val = loop.val_loop
@@ -251,8 +354,9 @@ def _cooled_validation(trainer: pl.Trainer, keep_callbacks: Sequence[Callback]) 
         loop.val_loop = ev
         trainer.state.stage = RunningStage.VALIDATING
         ev.run()
-        return {k: float(v) for k, v in conn._callback_metrics.items()
-                if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))}
+        metrics = {k: float(v) for k, v in conn._callback_metrics.items()
+                   if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float))}
+        return metrics, set(conn._progress_bar_metrics) & set(metrics)
     finally:
         for n, m in module.named_modules():
             if n in modes:
@@ -268,11 +372,26 @@ def _cooled_validation(trainer: pl.Trainer, keep_callbacks: Sequence[Callback]) 
         ev._data_fetcher = None  # not teardown(): that would reset the shared loaders' workers
 
 
-def _publish_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Log ``metrics`` to every logger at ``step`` and expose them in ``trainer.callback_metrics``."""
+def _publish_metrics(trainer: pl.Trainer, metrics: dict[str, float], step: int, prog_bar: Sequence[str] = ()) -> None:
+    """Log ``metrics`` to every logger at logger step ``step``, expose them in ``trainer.callback_metrics``
+    and show those named in ``prog_bar`` in the progress bar."""
     conn = trainer._logger_connector
     conn._callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+    conn._progress_bar_metrics.update({k: float(metrics[k]) for k in prog_bar if k in metrics})
     conn.log_metrics(dict(metrics), step=step)
+
+
+def _logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's loggers use for the metrics of the current training batch and of the validation
+    that follows it (``log_metrics`` without a step): ``_batches_that_stepped`` before its increment."""
+    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def _val_batches(trainer: pl.Trainer) -> int | None:
+    """Number of batches one validation runs, when Lightning knows it."""
+    sizes = trainer.fit_loop.epoch_loop.val_loop._max_batches
+    total = sum(int(n) for n in sizes if isinstance(n, (int, float)) and math.isfinite(n)) if sizes else 0
+    return total or None
 
 
 def _eval_every_steps(trainer: pl.Trainer) -> int | None:

@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 
 import lightning.pytorch as pl
+from torch.utils.data import DataLoader, IterableDataset
 
 from cooldown_callbacks.data import cooldown_batches, is_stateful_loader
 from cooldown_callbacks.engine import ForkError
 from cooldown_callbacks.snapshot import Snapshot, capture_rng, restore_rng
 
 from ._internals import (RunningStage, _auto_micro_step, _cooled_validation, _ddp_extras, _discarded_train_logging,
-                         _manual_micro_step, _metric_extras, _module_hook, _module_train_modes, _next_batch_idx,
-                         _prefetched_batches, _progress_extras, _to_device)
+                         _MainStreamPeek, _manual_micro_step, _metric_extras, _module_hook, _module_train_modes,
+                         _next_batch_idx, _prefetched_batches, _progress_extras, _to_device, _val_batches)
 
 if TYPE_CHECKING:
     from .callback import CooldownCallback
@@ -31,6 +32,7 @@ class _CooldownBar:
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
         self._tqdm = self._rich = self._task = None
+        self._trainer = trainer
         pb = trainer.progress_bar_callback
         if pb is None or not pb.is_enabled or not trainer.is_global_zero:
             return
@@ -48,27 +50,33 @@ class _CooldownBar:
             self._tqdm.update(1)
         elif self._rich is not None:
             self._rich.update(self._task, advance=1)
-            self._rich.refresh()
+            if self._trainer.progress_bar_callback is not None:  # hidden during the cooled validation
+                self._rich.refresh()  # (its columns look it up while rendering)
 
     def close(self) -> None:
         if self._tqdm is not None:
             self._tqdm.close()
         elif self._rich is not None:
             self._rich.remove_task(self._task)
+            if self._trainer.progress_bar_callback is not None:
+                self._rich.refresh()  # or the last frame keeps the removed task's line
         self._tqdm = self._rich = None
 
 
 class _Runner:
     """The engine's view of one fork (the ``ForkRunner`` protocol) inside a running ``fit``."""
 
-    def __init__(self, cb: CooldownCallback, trainer: pl.Trainer, from_validation: bool = False) -> None:
+    def __init__(self, cb: CooldownCallback, trainer: pl.Trainer, step: int, from_validation: bool = False) -> None:
         self.cb, self.trainer = cb, trainer
         self.module = trainer.lightning_module
         self.from_validation = from_validation
         self._stack = contextlib.ExitStack()
         self._it: Iterator | None = None
+        self._peek: _MainStreamPeek | None = None
         self._batch_idx = 0
-        self._step, self._k = 0, 0
+        self._step, self._k = step, 0
+        self.data_source: str | None = None  # kept in the fork's record by the engine
+        self.prog_bar_keys: set = set()  # cooled metrics the user logged with prog_bar=True
 
     # snapshot / LRs
     def snapshot(self) -> Snapshot:
@@ -105,16 +113,71 @@ class _Runner:
         if cb.progress_bar:
             cb._bar = _CooldownBar(tr, f"Cooldown @ {step}", cooldown_steps)
             stack.callback(self._close_bar)
-        plan = cb.plan
-        pending: list = []
-        if plan.data == "peek" or (plan.data == "auto" and is_stateful_loader(tr.train_dataloader)):
-            pending = _prefetched_batches(tr)
-        source = cooldown_batches(plan.data, loader=tr.train_dataloader if isinstance(plan.data, str) else None,
-                                  step=step, seed=plan.seed, rank=tr.global_rank, world_size=tr.world_size)
-        self._it = _chain(pending, source)
-        self._batch_idx = _next_batch_idx(tr)
         self._step, self._k = step, 0
+        self._it = self._batches(step, cooldown_steps)
+        self._batch_idx = _next_batch_idx(tr)
         cb._fork_bad_grad = None
+
+    def _batches(self, step: int, cooldown_steps: int) -> Iterator:
+        """The cooldown's batch source per ``ForkPlan.data``; sets ``data_source`` (see ``is_stream``)."""
+        cb, tr = self.cb, self.trainer
+        data = cb.plan.data
+        loader = tr.train_dataloader
+        if not isinstance(data, str):
+            self.data_source = "callable" if callable(data) and not hasattr(data, "__iter__") else "iterable"
+            return cooldown_batches(data, step=step, seed=cb.plan.seed, rank=tr.global_rank, world_size=tr.world_size)
+        stateful = is_stateful_loader(loader)
+        if data in ("peek", "auto") and is_stream(loader) and not stateful:
+            self.data_source = "peek"
+            return self._stream_peek(cooldown_steps)
+        if data == "peek" or (data == "auto" and stateful):
+            self.data_source = "peek"
+            pending = _prefetched_batches(tr)
+            return _chain(pending, cooldown_batches("peek", loader=loader, step=step))
+        self.data_source = "fresh (stream restarted from its beginning)" if is_stream(loader) else "fresh"
+        cb._note_data_source(self.data_source)
+        return cooldown_batches("fresh", loader=loader, step=step, seed=cb.plan.seed, rank=tr.global_rank,
+                                world_size=tr.world_size)
+
+    def _stream_peek(self, cooldown_steps: int) -> Iterator:
+        """Draw the main branch's next batches from Lightning's fetcher; ``end()`` hands them back."""
+        tr = self.trainer
+        if self.cb._stream_rng_moved:
+            raise ForkError("not run: the train stream uses the main process's global RNG (see the first failed "
+                            "fork's record); peeking at it again would change the main branch's batches again")
+        self._peek = peek = _MainStreamPeek(tr)
+        self._stack.callback(peek.hand_back)
+        need = cooldown_steps * (tr.accumulate_grad_batches if self.module.automatic_optimization else 1)
+        have = peek.draw(need)
+        if self.any_rank(peek.rng_moved):  # every rank agrees, so later forks skip the stream on every rank
+            self.cb._stream_rng_moved = True
+            raise ForkError(self._stream_problem(need, have))
+        if self.any_rank(have < need):
+            raise ForkError(self._stream_problem(need, have))
+        return self._checked(peek, need)
+
+    def _checked(self, peek: _MainStreamPeek, need: int) -> Iterator:
+        """``peek``'s batches; past the ``need`` drawn ahead (manual optimization that did not step an
+        optimizer on every call) a missing batch fails the fork on this rank."""
+        n = 0
+        for batch in peek:
+            n += 1
+            yield batch
+        raise ForkError(self._stream_problem(max(need, n + 1), n))
+
+    def _stream_problem(self, need: int, have: int) -> str:
+        peek = self._peek
+        if peek is not None and peek.rng_moved:
+            return ("the train loader used the main process's global RNG while its next batch was drawn (a dataset "
+                    "that shuffles or augments with random/numpy/torch and num_workers=0): the main branch's upcoming "
+                    "batches got other random numbers than in a run without forks, so the main branch is no longer "
+                    "bit-identical from here on. Use num_workers>0 (workers have their own RNG), a stateful loader "
+                    "(torchdata's StatefulDataLoader), ForkPlan(data='fresh') or an iterable of cooldown batches")
+        if peek is not None and have < need:
+            return (f"the train stream ends {have} batches from here and the cooldown needs {need}: a fork cools on "
+                    "the main branch's upcoming batches only. Fork earlier, or pass ForkPlan(data='fresh') (restarts "
+                    "the stream from its beginning) or an iterable of cooldown batches")
+        return "the train stream could not supply the cooldown's batches, or used the global RNG, on another rank"
 
     def _set_modes(self, modes: dict) -> None:
         for n, m in self.module.named_modules():
@@ -164,17 +227,22 @@ class _Runner:
 
     def evaluate(self) -> dict:
         cb, tr = self.cb, self.trainer
-        if cb._bar is not None:  # Lightning's own bar shows the cooled validation
+        if cb._bar is not None:
             cb._bar.close()
             cb._bar = None
         # In continue mode no snapshot surrounds this: keep the main branch's RNG stream untouched.
         rng, forking = capture_rng(), cb._forking
+        if self.from_validation and cb._rng_before_validation is not None:
+            # forking after the main validation: evaluate from the RNG state that validation started from
+            restore_rng(cb._rng_before_validation)
         cb._forking = True
+        if cb.progress_bar:  # Lightning's bar is hidden (it would label cooled metrics as the main branch's)
+            cb._bar = _CooldownBar(tr, f"Cooled validation @ {self._step}", _val_batches(tr))
         try:
-            keep = [cb] + ([tr.progress_bar_callback] if tr.progress_bar_callback is not None else [])
-            metrics = _cooled_validation(tr, keep_callbacks=keep)
+            metrics, self.prog_bar_keys = _cooled_validation(tr, keep_callbacks=[cb])
         finally:
             cb._forking = forking
+            self._close_bar()
             restore_rng(rng)
         if tr.world_size > 1 and metrics:
             keys = sorted(metrics)
@@ -223,6 +291,13 @@ def _worse(a: float | None, b: float | None) -> float | None:
     if a is None or not math.isfinite(b):
         return b
     return a if not math.isfinite(a) else b
+
+
+def is_stream(loader: Any) -> bool:
+    """A train loader that can only be read forward: not a DataLoader over a map-style dataset."""
+    if isinstance(loader, DataLoader):
+        return isinstance(loader.dataset, IterableDataset)
+    return getattr(loader, "batch_sampler", None) is None and getattr(loader, "sampler", None) is None
 
 
 def _chain(first: list, rest: Iterator) -> Iterator:

@@ -12,30 +12,22 @@ import torch
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from cooldown_callbacks.data import is_stateful_loader
-from cooldown_callbacks.engine import ForkEngine, check_writable_dir
+from cooldown_callbacks.engine import ForkEngine
 from cooldown_callbacks.plan import ForkPlan
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule
 from cooldown_callbacks.snapshot import STORAGES, capture_rng, restore_rng
 
+from ._checks import (CooldownMisconfiguration, check_callbacks, check_data, check_fit, claim_dirpath, default_dirpath,
+                      listed, unreachable_steps, warn_checkpoint_monitors, warn_data_source, warn_steps_per_batch)
 from ._internals import (SIGTERMException, TrainerFn, _at_step_boundary, _check_internals, _eval_every_steps,
-                         _publish_metrics, _validation_configured, _will_validate)
+                         _logger_step, _publish_metrics, _will_validate)
 from ._runner import _CooldownBar, _Runner, _float, _grads_finite
 
 __all__ = ["CooldownCallback", "CooldownMisconfiguration"]
-
-
-class CooldownMisconfiguration(MisconfigurationException, ValueError):
-    """Bad configuration of :class:`CooldownCallback`, raised before training starts.
-
-    Both a Lightning ``MisconfigurationException`` and a ``ValueError``.
-    """
-
 
 
 def _rng_state() -> dict:
@@ -61,37 +53,85 @@ def _set_rng_state(state: dict) -> None:
     restore_rng(s)
 
 
-
-
 class CooldownCallback(Callback):
     """Drive the main-branch LR from ``schedule`` and fork cooldown-to-zero runs per ``plan``.
 
     Args:
         schedule: the main-branch schedule (``WSD``, ``RSqrt``, ...): each param group's LR is its
-            base LR times ``schedule(trainer.global_step)``. ``None`` keeps your own scheduler and
-            forks decay from the current LR.
+            base LR times ``schedule(t)`` for the update after ``t`` steps. ``None`` keeps your own
+            scheduler and forks decay from the current LR.
         plan: when and how to fork (default ``ForkPlan()``: at every validation, 20% 1-sqrt).
-        dirpath: where cooled checkpoints and ``forks.jsonl`` go (default
-            ``<trainer.default_root_dir>/cooled``).
+        dirpath: where cooled checkpoints and ``forks.jsonl`` go. Default: ``ModelCheckpoint``'s
+            convention, a folder of this run's own: ``<save_dir>/<name>/<version>/cooled`` of the first
+            logger, or ``<default_root_dir>/cooled`` without a logger.
         filename: checkpoint name with ``{step}`` (fork step) and ``{cooldown}`` (its length);
             ``.ckpt`` is appended.
-        prefix: prefix of the cooled metrics in the loggers and ``trainer.callback_metrics``.
+        prefix: prefix of the cooled metrics in the loggers, the progress bar and
+            ``trainer.callback_metrics``; also keys the callback's state in checkpoints.
         save_weights_only: save only the weights (``trainer.save_checkpoint(weights_only=True)``).
         snapshot_storage: where the main branch's copy lives during a fork: ``"cpu"``, ``"device"``
             or ``"disk"``.
-        progress_bar: show the cooldown's progress under Lightning's progress bar.
+        progress_bar: show the cooldown and the cooled validation under Lightning's progress bar.
         verbose: print a one-line summary of each fork on rank 0.
 
     ``records`` lists what each fork did (also in ``<dirpath>/forks.jsonl``); ``forking`` is True
     while a fork runs (e.g. to skip expensive logging in ``training_step``).
 
-    Resume: the callback's state (completed forks, records, the global RNG state when the checkpoint
-    was written) is in every Lightning checkpoint; the RNG is put back at the first training batch
-    after ``fit(ckpt_path=...)``, so a resume from a checkpoint taken mid-epoch continues bit for bit
-    with a stateful train loader. Under DDP, rank 0's RNG state is the one saved and restored.
-    Bad configuration raises :class:`CooldownMisconfiguration` (a ``ValueError`` and a Lightning
-    ``MisconfigurationException``) in ``setup`` / ``on_fit_start`` / ``on_train_start``, before the
-    first training step.
+    **Steps.** A step is one optimizer step of the main branch: ``trainer.global_step`` under
+    automatic optimization (with gradient accumulation, one step per ``accumulate_grad_batches``
+    batches). Under manual optimization a step is one training batch whose ``training_step`` stepped
+    at least one optimizer - a GAN stepping a generator and a discriminator per batch moves
+    ``trainer.global_step`` by 2 but counts one step. Plan steps (``every``, ``at``,
+    ``geometric``), ``Cooldown(steps=c)`` (c such batches, each optimizer stepping as your
+    ``training_step`` does), ``Cooldown(fraction=...)``, the schedule's ``t`` and the records' ``step``
+    all use this count (kept in the callback's checkpointed state). Lightning's ``max_steps`` counts
+    every ``optimizer.step()``: a plan step that training cannot reach (``at=`` beyond ``max_steps``,
+    or beyond what ``max_steps`` allows at several optimizer steps per batch) is reported with a warning.
+
+    **Where things go.** Each fresh ``fit`` writes into a folder of its own (see ``dirpath``) and
+    refuses, before the first step, a folder holding another run's ``forks.jsonl`` (a second fresh run
+    would overwrite cooled checkpoints the first run's records describe). ``fit(ckpt_path=...)`` is
+    the same run: it continues in the folder saved in the checkpoint (unless ``dirpath`` is given) and
+    does not run again the forks it finished after that checkpoint: they are taken back from the
+    records, printed as restored, and their metrics are published once.
+
+    **Metrics.** The cooled model's metrics are logged to every logger under ``prefix``
+    (``cooldown/val_loss``) at the logger step of the main branch's own validation at the fork step
+    (the step Lightning's loggers give that validation's ``val_loss``), so both appear side by side;
+    the records keep the fork step ``S`` and ``cooldown_steps`` ``c`` (the CLI's budget axis is
+    ``S + c``). Metrics logged with ``prog_bar=True`` appear in the progress bar as
+    ``cooldown/<name>``. ``ModelCheckpoint(monitor="cooldown/val_loss")`` would save *main-branch*
+    weights scored by the cooled loss (a warning says so): the cooled models are this callback's
+    checkpoints, listed with their metrics in ``forks.jsonl``.
+
+    **Cooldown data** (``ForkPlan.data``): ``"auto"``/``"peek"`` cool on the main branch's upcoming
+    batches: a stateful loader (torchdata's ``StatefulDataLoader``) is cloned; a stream (a
+    DataLoader over an ``IterableDataset``, or any other plain iterable) is read ahead through
+    Lightning's data fetcher and the batches are handed back to the main branch after the fork
+    (``c * accumulate_grad_batches`` batches held in memory meanwhile; a fork the stream cannot feed
+    fails with the reason; a dataset that draws from the main process's global RNG while a batch is
+    drawn - ``num_workers=0`` with random shuffling or augmentation - is detected and the fork fails,
+    saying the main branch is no longer exact; use ``num_workers>0``). A plain DataLoader over a
+    map-style dataset falls back (``"auto"``) to a separate seeded loader (``"fresh"``), with a
+    warning. ``"fresh"`` on a stream restarts it from its beginning, and says so. The record's
+    ``data`` names the source.
+
+    **Several callbacks.** Each instance needs its own ``prefix`` (Lightning refuses two with the same
+    one: "Found more than one stateful callback of type CooldownCallback"); at most one may have a
+    schedule. To compare cooldown lengths, give one callback several cooldowns per fork point.
+
+    **Not forking.** ``fast_dev_run`` runs no fork and writes nothing (as ``ModelCheckpoint`` skips
+    saving; said once at fit start). Under spawn-based strategies (``ddp_spawn``, ``ddp_notebook``)
+    training runs in child processes: the callback object in your script never sees the forks -
+    read them with ``cooldown_callbacks.records.read_records(dirpath)`` (give ``dirpath`` to know it).
+
+    Resume: the callback's state (completed forks, records, step count, dirpath, the global RNG state
+    when the checkpoint was written) is in every Lightning checkpoint; the RNG is put back at the first
+    training batch after ``fit(ckpt_path=...)``, so a resume from a checkpoint taken mid-epoch
+    continues bit for bit with a stateful train loader. Under DDP, rank 0's RNG state is the one saved
+    and restored. Bad configuration raises :class:`CooldownMisconfiguration` (a ``ValueError`` and a
+    Lightning ``MisconfigurationException``) in ``setup`` / ``on_fit_start`` / ``on_train_start``,
+    before the first training step.
     """
 
     def __init__(
@@ -133,6 +173,13 @@ class CooldownCallback(Callback):
         self._fork_step = 0  # the main-branch step count the current cooldown update continues from
         self._fork_bad_grad: int | None = None  # first cooldown step with a non-finite gradient
         self._bar: _CooldownBar | None = None
+        self._steps = 0  # manual optimization: training batches that stepped an optimizer (see "Steps")
+        self._global_step_at_batch_start = 0
+        self._log_step = 0  # Lightning's logger step of the latest main-branch training batch
+        self._rng_before_validation: dict | None = None
+        self._skip_forks = False  # fast_dev_run
+        self._peers: list[CooldownCallback] = []
+        self._data_warned = self._rate_warned = self._stream_rng_moved = False
 
     # -- public read-only views --------------------------------------------------------------
     @property
@@ -164,6 +211,10 @@ class CooldownCallback(Callback):
         # dirpath, so a resumed run that writes its cooled checkpoints elsewhere still gets its state back.
         return self._generate_state_key(prefix=self.prefix)
 
+    def _step(self, trainer: pl.Trainer) -> int:
+        """The main branch's step count (see "Steps" in the class docstring)."""
+        return trainer.global_step if trainer.lightning_module.automatic_optimization else self._steps
+
     # -- set-up: every configuration error surfaces here, before the first step ----------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -171,45 +222,35 @@ class CooldownCallback(Callback):
             return
         # A new fit starts a new history (Lightning loads the checkpoint's state after this hook when
         # resuming with ckpt_path=); reusing the callback for another fit must not skip its forks.
-        dirpath = Path(self._dirpath_arg) if self._dirpath_arg is not None else Path(trainer.default_root_dir) / "cooled"
+        self._skip_forks = bool(trainer.fast_dev_run)
+        if self._dirpath_arg is not None:
+            dirpath = Path(self._dirpath_arg)
+        else:  # the logger's version can differ between ranks before it is created: rank 0's, as ModelCheckpoint
+            dirpath = Path(trainer.strategy.broadcast(str(default_dirpath(trainer)), src=0))
         self.engine = ForkEngine(self.plan, self.schedule, dirpath, filename=self.engine.filename,
                                  is_global_zero=trainer.is_global_zero, rank=trainer.global_rank,
                                  world_size=trainer.world_size)
         self._resume_rng = None
-        error = ""
-        if trainer.is_global_zero:
-            try:
-                check_writable_dir(self.engine.dirpath, "dirpath")
-            except ValueError as e:
-                error = str(e)
-        error = trainer.strategy.broadcast(error, src=0)
-        if error:
-            raise CooldownMisconfiguration(error)
+        self._steps, self._rng_before_validation = 0, None
+        self._data_warned = self._rate_warned = self._stream_rng_moved = False
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         _check_internals(trainer)
-        plan = self.plan
-        if self.schedule is not None and trainer.lr_scheduler_configs:
-            names = ", ".join(type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs)
-            raise CooldownMisconfiguration(
-                f"Invalid schedule: CooldownCallback(schedule={type(self.schedule).__name__}(...)) drives the LR, but "
-                f"configure_optimizers also returns a scheduler ({names}) that would fight it. Remove the scheduler "
-                f"from configure_optimizers, or pass schedule=None to keep it (forks then decay from its LR).")
-        if len(trainer.optimizers) == 0:
-            raise CooldownMisconfiguration("CooldownCallback needs an optimizer: configure_optimizers returned none.")
-        if pl_module.automatic_optimization and len(trainer.optimizers) > 1:
-            raise CooldownMisconfiguration("Automatic optimization with several optimizers is not supported by "
-                                           "Lightning; use manual optimization.")
-        if plan.on_eval:
-            if not _validation_configured(trainer):
-                raise CooldownMisconfiguration(
-                    "Invalid plan: ForkPlan(on_eval=True) forks at validation points, but this trainer never validates "
-                    "(no validation_step, no val dataloader, or limit_val_batches=0). Give validation data, or use "
-                    "ForkPlan(every=N) / at=[...] / geometric=(first, ratio).")
+        self._peers = check_callbacks(self, trainer)
+        check_fit(self, trainer, pl_module)
         for opt in trainer.optimizers:
             for g in opt.param_groups:
                 g.setdefault("initial_lr", g["lr"])
+        if self._skip_forks:
+            rank_zero_info("CooldownCallback: fast_dev_run: no forks and nothing written (as ModelCheckpoint skips "
+                           "saving); the schedule still drives the LR.")
+            return
+        warn_checkpoint_monitors(self, trainer)
+        lost = unreachable_steps(self.plan, trainer.max_steps)
+        if lost:
+            rank_zero_warn(f"CooldownCallback: ForkPlan step(s) {listed(lost)} lie beyond max_steps="
+                           f"{trainer.max_steps} and will never be reached.")
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,21 +263,11 @@ class CooldownCallback(Callback):
                     "validation must be evenly spaced in optimizer steps: use Trainer(val_check_interval=<int, a "
                     "multiple of accumulate_grad_batches>, check_val_every_n_epoch=None), or ForkPlan(every=N).")
             self.engine.eval_every = every
-        if isinstance(plan.data, str):
-            loader = trainer.train_dataloader
-            if isinstance(loader, (list, tuple, dict)):
-                raise CooldownMisconfiguration(
-                    f"Invalid plan: ForkPlan(data={plan.data!r}) needs a single train dataloader; with several, pass "
-                    "ForkPlan(data=<iterable of batches>).")
-            if plan.data == "peek" and not is_stateful_loader(loader):
-                raise CooldownMisconfiguration(
-                    "Invalid plan: ForkPlan(data='peek') needs a stateful train loader (state_dict/load_state_dict), "
-                    "e.g. torchdata.stateful_dataloader.StatefulDataLoader; or use data='fresh'.")
-            if plan.data in ("fresh", "auto") and not is_stateful_loader(loader) and \
-                    getattr(loader, "batch_size", None) is None and getattr(loader, "batch_sampler", None) is None:
-                raise CooldownMisconfiguration(
-                    f"Invalid plan: ForkPlan(data={plan.data!r}) builds a separate loader with the train loader's "
-                    "batch size, which it does not have; pass ForkPlan(data=<iterable of batches>).")
+        check_data(plan, trainer)
+        if self._steps < 0:  # resumed from a checkpoint written before the callback kept its step count
+            self._steps = trainer.global_step
+        if not self._skip_forks:
+            claim_dirpath(self, trainer)  # after the checkpoint's state (the run id) is loaded
         self._apply_main_lr(trainer)
 
     # -- LR ----------------------------------------------------------------------------------
@@ -244,7 +275,7 @@ class CooldownCallback(Callback):
         return [g for opt in trainer.optimizers for g in opt.param_groups]
 
     def _apply_main_lr(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer | None = None) -> None:
-        mult = self.engine.main_multiplier(trainer.global_step)
+        mult = self.engine.main_multiplier(self._step(trainer))
         if mult is None:
             return
         groups = optimizer.param_groups if optimizer is not None else self._groups(trainer)
@@ -266,44 +297,70 @@ class CooldownCallback(Callback):
                     return
                 i += n
             return
+        if any(p._forking for p in self._peers):
+            return  # another CooldownCallback's fork sets the LRs of its cooldown
         self._apply_main_lr(trainer, optimizer)
 
     # -- triggers ----------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if self._resume_rng is not None and not self._forking:
+        if self._forking:
+            return
+        if self._resume_rng is not None:
             # Lightning checkpoints hold no RNG state: put back the one saved with this callback's state,
             # after Lightning has rebuilt its data iterators and done its restart bookkeeping.
             _set_rng_state(self._resume_rng)
             self._resume_rng = None
+        self._global_step_at_batch_start = trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._forking or not _at_step_boundary(trainer):
+        if self._forking:
             return
+        if not pl_module.automatic_optimization:
+            moved = trainer.global_step - self._global_step_at_batch_start
+            self._steps += int(moved > 0)
+            if moved > 1 and not self._rate_warned:
+                self._rate_warned = True
+                warn_steps_per_batch(self.plan, trainer, moved)
+        if not _at_step_boundary(trainer):
+            return
+        self._log_step = _logger_step(trainer)
         self._apply_main_lr(trainer)  # the LR of the next update, visible to LR monitors and loggers
-        step = trainer.global_step
+        if self._skip_forks:
+            return
+        step = self._step(trainer)
         if self.plan.record_grad_norms:
             self._record_grad_norm(pl_module)
         if self.plan.mode == "continue":
             start = self.engine.continue_due(step)
             if start is not None:
-                rec = self.engine.finish_continue(start, step, _Runner(self, trainer), suffix=".ckpt")
-                self._after(trainer, rec, log_step=step)
+                runner = _Runner(self, trainer, step)
+                rec = self.engine.finish_continue(start, step, runner, suffix=".ckpt")
+                self._after(trainer, rec, runner)
             return
         evaluating = self.plan.on_eval and _will_validate(trainer)
         if self.engine.should_fork(step, evaluating=evaluating):
             self._fork(trainer, step)
+        if self.plan.on_eval:  # what a fork after this step's validation evaluates from (see on_validation_end)
+            self._rng_before_validation = capture_rng()
+
+    @override
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._forking and self._bar is not None:
+            self._bar.advance()
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._forking or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        step = trainer.global_step
+        step = self._step(trainer)
         plan = self.plan
-        if plan.mode == "branch" and plan.on_eval and self.engine.should_fork(step, evaluating=True):
+        if not self._skip_forks and plan.mode == "branch" and plan.on_eval and \
+                self.engine.should_fork(step, evaluating=True):
             # Lightning validated where on_train_batch_end could not foresee it (a later callback set
             # should_stop, a time-based val_check_interval): fork now, still before ModelCheckpoint.
             if _at_step_boundary(trainer):
@@ -343,23 +400,27 @@ class CooldownCallback(Callback):
                 rank_zero_warn(f"CooldownCallback: cooling the final model after SIGTERM failed: {e}")
 
     def _fork_at_end(self, trainer: pl.Trainer) -> None:
-        step = trainer.global_step
-        if not self.plan.at_end or step <= 0 or step in self.engine.completed or self._forking:
+        step = self._step(trainer)
+        if not self.plan.at_end or step <= 0 or step in self.engine.completed or self._forking or self._skip_forks:
             return
         self._fork(trainer, step, from_validation=trainer.validating)
 
     # -- running a fork ----------------------------------------------------------------------
     def _fork(self, trainer: pl.Trainer, step: int, from_validation: bool = False) -> ForkRecord:
-        rec = self.engine.fork(step, _Runner(self, trainer, from_validation=from_validation), suffix=".ckpt")
-        self._after(trainer, rec, log_step=step)
+        runner = _Runner(self, trainer, step, from_validation=from_validation)
+        rec = self.engine.fork(step, runner, suffix=".ckpt")
+        self._after(trainer, rec, runner)
         return rec
 
-    def _after(self, trainer: pl.Trainer, rec: ForkRecord, log_step: int) -> None:
+    def _after(self, trainer: pl.Trainer, rec: ForkRecord, runner: _Runner) -> None:
         if rec.status == "ok" and rec.metrics:
-            _publish_metrics(trainer, {self.prefix + k: v for k, v in rec.metrics.items()}, log_step)
-        if rec.status != "ok":
-            rank_zero_warn(f"CooldownCallback: the fork at step {rec.step} failed and was recorded; the main branch "
-                           f"goes on unchanged. {rec.error}")
+            shown = [self.prefix + k for k in runner.prog_bar_keys]
+            _publish_metrics(trainer, {self.prefix + k: v for k, v in rec.metrics.items()}, self._log_step, shown)
+        if rec.status != "ok" and not rec.restored:
+            fate = ("the main branch is NOT bit-identical to a run without forks from here on" if
+                    self._stream_rng_moved else "the main branch goes on unchanged")
+            rank_zero_warn(f"CooldownCallback: the fork at step {rec.step} failed and was recorded; {fate}. "
+                           f"{rec.error}")
         if self.verbose and trainer.is_global_zero:
             if rec.status == "ok":
                 m = rec.metrics.get("val_loss")
@@ -367,8 +428,17 @@ class CooldownCallback(Callback):
                 shown = f"{self.prefix}{name}={rec.metrics[name]:.4f}" if name is not None else "no metrics"
             else:
                 shown = f"FAILED ({rec.error})"
-            self._print(trainer, f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}, "
-                                 f"{rec.mode}) -> {shown} in {rec.seconds:.1f}s")
+            if rec.restored:
+                what = f"{rec.cooldown_steps} cooldown steps, restored from the records (finished before the restart)"
+                self._print(trainer, f"[cooldown] step {rec.step}: {what} -> {shown}")
+            else:
+                self._print(trainer, f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}, "
+                                     f"{rec.mode}) -> {shown} in {rec.seconds:.1f}s")
+
+    def _note_data_source(self, source: str) -> None:
+        """Warn once per fit when forks cool on data that is not the main branch's upcoming batches."""
+        if not self._data_warned:
+            self._data_warned = warn_data_source(self.plan, source)
 
     def _print(self, trainer: pl.Trainer, msg: str) -> None:
         from lightning.pytorch.callbacks import RichProgressBar
@@ -390,10 +460,14 @@ class CooldownCallback(Callback):
     # -- checkpointed state ------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "engine": self.engine.state_dict(), "rng": _rng_state()}
+        return {"version": 2, "engine": self.engine.state_dict(), "rng": _rng_state(), "steps": self._steps,
+                "dirpath": str(self.engine.dirpath)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.engine.load_state_dict(state_dict["engine"])
         self._resume_rng = state_dict.get("rng")
+        self._steps = int(state_dict.get("steps", -1))  # -1: taken from global_step in on_train_start
+        if self._dirpath_arg is None and state_dict.get("dirpath"):
+            self.engine.dirpath = Path(state_dict["dirpath"])  # the same run goes on in its own folder
 
