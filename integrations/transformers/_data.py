@@ -4,7 +4,7 @@ stream and handed back), a separate loader, or the user's own."""
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler
@@ -107,7 +107,8 @@ def _data_kind(data: Any, trainer: Trainer, loader: Any) -> str:
     return data
 
 
-def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int) -> Iterator[list]:
+def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int,
+                     any_rank: Callable[[bool], bool] = bool) -> Iterator[list]:
     """Endless iterator of micro-batch groups, one group per cooldown optimizer step."""
     args = trainer.args
     ga = args.gradient_accumulation_steps
@@ -116,7 +117,7 @@ def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int) -
     if kind == "peek":
         return _peek_groups(loader, step, ga)
     if kind == "peek-stream":
-        return _stream_groups(cb, ga)
+        return _stream_groups(cb, ga, any_rank)
     if kind in ("fresh", "fresh-stream"):
         chain, _ = _sampler_chain(loader)
         bs = next((getattr(b, "batch_size", None) for b in reversed(chain) if getattr(b, "batch_size", None)), None)
@@ -130,19 +131,26 @@ def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int) -
     return ([next(it) for _ in range(ga)] for _ in iter(int, 1))
 
 
-def _stream_groups(cb: CooldownTrainerCallback, ga: int) -> Iterator[list]:
+def _stream_groups(cb: CooldownTrainerCallback, ga: int, any_rank: Callable[[bool], bool]) -> Iterator[list]:
     """The main branch's next batches, ``ga`` per cooldown step, drawn from its epoch iterator and
-    handed back to it (see :mod:`._stream`)."""
+    handed back to it (see :mod:`._stream`). Every rank agrees before each draw that no rank's stream
+    has ended, so all ranks stop at the same draw (no rank is left in a cooldown step's collectives)."""
     stream = cb._stream
     if stream is None:
         raise RuntimeError("the main branch's epoch iterator was not seen (Trainer.get_batch_samples was not called)")
     done = 0
     while True:
-        try:
-            yield [stream.draw_ahead() for _ in range(ga)]
-        except StreamEnded as e:
-            raise ForkError(f"{e}: it ended after {done} cooldown step(s); what the fork read was handed back to the "
-                            "main branch. Fork earlier in the pass, or give ForkPlan(data=<iterable>).") from None
+        group = []
+        for _ in range(ga):
+            if any_rank(stream.at_end):
+                raise ForkError(f"the training stream has no batch left in this pass: it ended after {done} cooldown "
+                                "step(s); what the fork read was handed back to the main branch. Fork earlier in the "
+                                "pass, or give ForkPlan(data=<iterable>).")
+            try:
+                group.append(stream.draw_ahead())
+            except StreamEnded as e:
+                raise ForkError(f"{e}: it ended after {done} cooldown step(s)") from None
+        yield group
         done += 1
 
 

@@ -118,9 +118,8 @@ class MainStream:
         return bool(flags[0])
 
     def draw_ahead(self) -> Any:
-        """Read the main branch's next unread batch, and queue it for the main branch."""
-        if self.at_end:
-            raise StreamEnded("the training stream has no batch left in this pass")
+        """Read the main branch's next unread batch, and queue it for the main branch (check
+        :attr:`at_end` first: reading past the last batch would end the main branch's epoch early)."""
         before = self._flags()
         try:
             batch, moved = self._read()
