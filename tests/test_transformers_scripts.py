@@ -193,10 +193,12 @@ def test_trainer_warmup_passed_to_the_schedule(trainer_warmup, warns, tmp_path, 
 
 
 # -- item 17: end on the cooled final model (opt-in) ---------------------------------------------------------
-def test_final_model_cooled_makes_the_trainer_end_on_the_cooled_model(tmp_path):
+def test_final_model_cooled_makes_the_trainer_end_on_the_cooled_model(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, LOGGER)
     plan = ForkPlan(on_eval=True, at_end=True, cooldown=Cooldown(steps=3))
     callback = cb(plan, final_model="cooled", verbose=True)
     t = train(tmp_path / "out", [callback], save_strategy="steps", save_steps=12)
+    assert not [m for m in warnings_of(caplog) if "saved nowhere" in m]
     rec = callback.records[-1]
     assert rec["step"] == 12 and rec["status"] == "ok"
     cooled = load_params(rec["checkpoint"])
@@ -209,6 +211,13 @@ def test_final_model_cooled_makes_the_trainer_end_on_the_cooled_model(tmp_path):
     # the main branch stays in the last checkpoint
     main = load_params(tmp_path / "out" / "checkpoint-12")
     assert any(not torch.equal(main[n], cooled[n]) for n in cooled)
+
+
+def test_final_model_cooled_without_checkpoints_warns_that_the_main_branch_is_saved_nowhere(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, LOGGER)
+    plan = ForkPlan(at_end=True, cooldown=Cooldown(steps=2))
+    train(tmp_path / "out", [cb(plan, final_model="cooled")], max_steps=4, eval_strategy="no")
+    assert len([m for m in warnings_of(caplog) if "main branch's final weights are saved nowhere" in m]) == 1
 
 
 def test_final_model_main_is_the_default_and_keeps_the_main_branch(ga1_base, tmp_path):

@@ -70,7 +70,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             fork at the last step) into ``trainer.model`` when training ends, so what a script does after
             ``train()`` - ``trainer.save_model()``, the final ``trainer.evaluate()``, the model card -
             describes the cooled model. The main branch's weights stay in the Trainer's last checkpoint
-            (resume from it to train on). A copy of the cooled weights is held in CPU memory from the
+            (resume from it to train on; with ``save_strategy="no"`` there is none, which is warned about). A copy of the cooled weights is held in CPU memory from the
             final fork until then. Not with ``load_best_model_at_end=True`` (two different final models).
         trainer_attributes: attributes of the Trainer (subclass) that its ``compute_loss`` or
             ``training_step`` accumulates, e.g. metrics for its logs: each is deep-copied before a fork and
@@ -331,6 +331,10 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         if self.final_model == "cooled" and args.load_best_model_at_end:
             raise ValueError("Invalid final_model ('cooled') with load_best_model_at_end=True: the Trainer would end "
                              "on two different models; choose one.")
+        if self.final_model == "cooled" and scheduler_name(args.save_strategy) == "no":
+            logger.warning("CooldownTrainerCallback(final_model='cooled') with save_strategy='no': train() ends on the "
+                           "cooled model and the main branch's final weights are saved nowhere (no checkpoint to "
+                           "resume the main branch from). Set save_strategy='steps' to keep them.")
         missing = [n for n in (self.trainer_attributes or ()) if not hasattr(trainer, n)]
         if missing:
             raise ValueError(f"Invalid trainer_attributes ({list(self.trainer_attributes)!r}): the "
