@@ -24,6 +24,16 @@ the GPU, the copies in pinned CPU memory, and the extra *accelerator* memory is 
     .venv/bin/python benchmarks/bench_snapshot.py                    # ~1-2 min
     .venv/bin/python benchmarks/bench_snapshot.py --storages cpu,disk
     .venv/bin/python benchmarks/bench_snapshot.py --quick
+
+Sharded mode (``--sharded``, results in ``bench_snapshot_sharded.*``): the same MLP with FSDP2
+(``fully_shard`` per layer and on the root) on ``--world`` ranks (torchrun, gloo on CPU; NCCL with
+``--device cuda``, one GPU per rank), trained one step with Adam. Each rank reports its snapshot's
+bytes against its *local* state bytes (goal 1.00: a snapshot copies local shards only) and against the
+*full* unsharded state bytes (goal 1/world), and the time of a snapshot and a restore against a raw
+clone / copy of the same local bytes. The benchmark starts torchrun itself::
+
+    .venv/bin/python benchmarks/bench_snapshot.py --sharded                 # 2 ranks, ~1 min
+    .venv/bin/python benchmarks/bench_snapshot.py --sharded --quick
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,12 +53,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (base_parser, finish, iqr, median, peak_rss_bytes, reset_peak_rss, rss_bytes,  # noqa: E402
-                     setup)
+from _common import (base_parser, environment, finish, iqr, median, peak_rss_bytes, reset_peak_rss,  # noqa: E402
+                     rss_bytes, setup)
 
+from cooldown_callbacks import sharding  # noqa: E402
 from cooldown_callbacks.snapshot import Snapshot  # noqa: E402
 
 NAME = "bench_snapshot"
+SHARDED_NAME = "bench_snapshot_sharded"
 
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -100,9 +115,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=7, help="interleaved rounds")
     ap.add_argument("--storages", default="cpu", help="comma-separated snapshot storages to time: cpu, disk")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--sharded", action="store_true", help="FSDP2 on --world ranks (starts torchrun itself)")
+    ap.add_argument("--world", type=int, default=2, help="ranks of the sharded mode")
     args = ap.parse_args(argv)
     if args.quick:
         args.width, args.layers, args.reps = 256, 4, 2
+    if args.sharded:
+        return sharded_main(args, argv)
     out, env = setup(args, NAME, argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("Invalid --device cuda: no CUDA device here; use --device cpu.")
@@ -223,6 +242,130 @@ def main(argv: Sequence[str] | None = None) -> dict:
         notes.append(f"disk storage writes to {snap_dir} (torch.save) and restores via mmap; its RSS includes "
                      "file-backed pages of the mapped snapshot.")
     return finish(out, env, result, [("Snapshot and restore vs. a raw copy of the same bytes", headers, rows)], notes)
+
+
+# -- sharded mode ------------------------------------------------------------------------------------
+def sharded_main(args, argv: Sequence[str] | None) -> dict:
+    """Parent: start ``--world`` ranks under torchrun, then read the result rank 0 wrote. Rank: measure."""
+    if "LOCAL_RANK" in os.environ:
+        return _sharded_rank(args, argv)
+    if args.world < 2:
+        raise ValueError(f"Invalid --world ({args.world}): the sharded mode needs at least 2 ranks.")
+    if args.device == "cuda" and torch.cuda.device_count() < args.world:
+        raise ValueError(f"Invalid --world {args.world} with --device cuda: {torch.cuda.device_count()} GPU(s) here.")
+    out, _ = setup(args, SHARDED_NAME, argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    rest = [a for i, a in enumerate(given)  # the ranks get --out as resolved here
+            if a != "--out" and not a.startswith("--out=") and (i == 0 or given[i - 1] != "--out")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.world),
+           str(Path(__file__).resolve()), *rest, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    subprocess.run(cmd, check=True, env=env)
+    return json.loads((out / f"{SHARDED_NAME}.json").read_text())
+
+
+def _sharded_state(width: int, layers: int, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)]).to(device)
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, width, device=device)).square().mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _sharded_rank(args, argv: Sequence[str] | None) -> dict:
+    import torch.distributed as dist
+
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    env = environment(SHARDED_NAME, argv) if rank == 0 else {}
+    model, opt = _sharded_state(args.width, args.layers, args.device)
+    tensors = list(model.parameters()) + [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    local_bytes = sum(sharding.local(t).numel() * t.element_size() for t in tensors)
+    full_bytes = sum(t.numel() * t.element_size() for t in tensors)  # a DTensor's numel() is the global one
+    flat = torch.ones(local_bytes // 4, device=args.device)
+    dst = torch.zeros(local_bytes // 4, pin_memory=cuda)
+    snap_dir = out / f".snapshots-{rank}"
+    storages = [s.strip() for s in args.storages.split(",") if s.strip()]
+    rows: dict[str, dict] = {}
+    for what in ["raw clone", "raw copy_", *storages]:
+        secs, restores, nbytes = [], [], 0
+        for _ in range(args.reps):
+            dist.barrier()
+            if what == "raw clone":
+                secs.append(Measured(lambda: (torch.empty_like(dst, pin_memory=cuda).copy_(flat, non_blocking=cuda)
+                                              if cuda else flat.clone()), args.device).seconds)
+                continue
+            if what == "raw copy_":
+                secs.append(Measured(lambda: (flat.copy_(dst, non_blocking=True) if cuda else dst.copy_(flat)),
+                                     args.device).seconds)
+                continue
+            take = Measured(lambda: Snapshot.take(modules=[model], optimizers=[opt], storage=what, directory=snap_dir),
+                            args.device)
+            snap = take.value
+            nbytes = snap.nbytes
+            secs.append(take.seconds)
+            restores.append(Measured(snap.restore, args.device).seconds)
+            snap.close()
+        rows[what] = {"median_s": median(secs), "restore_median_s": median(restores) if restores else None,
+                      "nbytes": nbytes}
+    if snap_dir.exists() and not any(snap_dir.iterdir()):
+        snap_dir.rmdir()
+    mine = {"rank": rank, "local_bytes": local_bytes, "full_bytes": full_bytes, "rows": rows}
+    got: list = [None] * world
+    dist.all_gather_object(got, mine)
+    result: dict = {}
+    if rank == 0:
+        result = _sharded_report(args, out, env, got, world, storages)
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
+
+
+def _sharded_report(args, out: Path, env: dict, ranks: list[dict], world: int, storages: list[str]) -> dict:
+    table_rows, per_rank = [], []
+    for r in ranks:
+        clone_s, copy_s = r["rows"]["raw clone"]["median_s"], r["rows"]["raw copy_"]["median_s"]
+        for s in storages:
+            row = r["rows"][s]
+            ratio_local, ratio_full = row["nbytes"] / r["local_bytes"], row["nbytes"] / r["full_bytes"]
+            per_rank.append({"rank": r["rank"], "storage": s, "snapshot_bytes": row["nbytes"],
+                             "local_bytes": r["local_bytes"], "full_bytes": r["full_bytes"],
+                             "snapshot_over_local": ratio_local, "snapshot_over_full": ratio_full,
+                             "snapshot_s": row["median_s"], "restore_s": row["restore_median_s"],
+                             "snapshot_over_raw_clone": row["median_s"] / clone_s,
+                             "restore_over_raw_copy": row["restore_median_s"] / copy_s})
+            table_rows.append([r["rank"], s, f"{row['nbytes'] / 2**20:.2f}", f"{r['local_bytes'] / 2**20:.2f}",
+                               f"{r['full_bytes'] / 2**20:.2f}", f"{ratio_local:.3f}", f"{ratio_full:.3f}",
+                               f"{1 / world:.3f}", f"{row['median_s'] * 1e3:.1f}", f"{row['median_s'] / clone_s:.2f}",
+                               f"{row['restore_median_s'] * 1e3:.1f}", f"{row['restore_median_s'] / copy_s:.2f}"])
+    cpu = [x for x in per_rank if x["storage"] == "cpu"]
+    tgt = {"snapshot bytes == local state bytes (cpu)": all(abs(x["snapshot_over_local"] - 1) < 1e-9 for x in cpu),
+           f"snapshot bytes <= 1/{world} of the full state + 1% (cpu)":
+               all(x["snapshot_over_full"] <= 1 / world * 1.01 for x in cpu)}
+    headers = ["rank", "storage", "snapshot MiB", "local state MiB", "full state MiB", "snapshot / local (goal 1.00)",
+               "snapshot / full", "goal 1/world", "snapshot ms", "vs raw clone", "restore ms", "vs raw copy_"]
+    notes = [f"FSDP2: {args.layers} x Linear({args.width}, {args.width}), fully_shard per layer and on the root, "
+             f"Adam after one step; {world} ranks ({args.device}); {args.reps} rounds per operation, medians.",
+             "local state = this rank's shards of parameters and Adam moments (plus the step counters); full "
+             "state = the same tensors unsharded. The snapshot counts the bytes it holds (disk: the file's size).",
+             "raw clone / raw copy_ = one tensor of the rank's local bytes, cloned (host buffer) / copied back.",
+             "targets met: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in tgt.items())]
+    result = {"config": {"width": args.width, "layers": args.layers, "world": world, "reps": args.reps,
+                         "storages": storages, "device": args.device},
+              "per_rank": per_rank, "targets_met": tgt}
+    return finish(out, env, result, [("Per-rank snapshot of an FSDP2 model", headers, table_rows)], notes)
 
 
 if __name__ == "__main__":

@@ -94,7 +94,20 @@ def cooldown_batches(source: Any, *, loader: Any = None, step: int = 0, seed: in
                     "ForkPlan(data='peek') needs a stateful training loader (with state_dict/load_state_dict), "
                     "e.g. torchdata.stateful_dataloader.StatefulDataLoader; or use data='fresh'.")
             clone = clone_stateful_loader(loader)
-            return _cycle(lambda: clone)
+            first = [True]
+
+            def resume() -> Iterable:
+                # The main loader drew its iterator's base seed when its epoch began; the clone continues
+                # that epoch, so its iterator must not draw again from the global RNG (a loader without its
+                # own generator, e.g. with a DistributedSampler, would shift the fork's dropout stream).
+                if not first[0]:
+                    return clone
+                first[0] = False
+                state = torch.get_rng_state()
+                it = iter(clone)
+                torch.set_rng_state(state)
+                return it
+            return _cycle(resume)
         fresh = fresh_loader(loader, seed=seed + step, rank=rank, world_size=world_size, collate_fn=collate_fn)
         epoch = [0]
 

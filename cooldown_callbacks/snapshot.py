@@ -1,16 +1,25 @@
 """A copy of everything the main branch's future depends on, restored in place.
 
 What is captured (see ``shared/INTEGRATION_NOTES.md``): parameters and buffers (and gradients that
-exist), every optimizer's per-parameter state and param-group hyper-parameters, LR schedulers,
+exist), the optimizers' own params that are not module parameters (fp32 master copies, e.g. DeepSpeed
+ZeRO's partitions), every optimizer's per-parameter state and param-group hyper-parameters, LR schedulers,
 grad scalers and any other object with ``state_dict``/``load_state_dict``, the global RNGs
 (python, numpy, torch CPU, every initialised CUDA device), given ``torch.Generator`` objects, and
-arbitrary ``(get, set)`` pairs for state that has no ``state_dict`` (e.g. torchmetrics states), and the
-buffer/gradient sync flags of ``DistributedDataParallel`` modules.
+arbitrary ``(get, set)`` pairs for state that has no ``state_dict`` (e.g. torchmetrics states), the
+buffer/gradient sync flags of ``DistributedDataParallel`` modules, and for a DeepSpeed engine among
+``modules`` its step counters, loss scaler and LR scheduler.
 
 Restoring writes into the existing tensors (``copy_``), so ``Parameter`` identity is kept for DDP
 buckets, optimizer references and compiled graphs. Tensor copies live in CPU memory by default
 (pinned, with non-blocking copies, for accelerator tensors), on the accelerator
 (``storage="device"``) or in a file (``storage="disk"``).
+
+Sharded state stays sharded (see :mod:`cooldown_callbacks.sharding`): for a DTensor (FSDP2
+parameters, gradients, optimizer moments) each rank copies only its local shard (``to_local()``),
+with no communication, into a buffer of the *local* shape, and restores into ``dst.to_local()``;
+``nbytes`` counts local bytes. Every FSDP module among ``modules`` is resharded before the snapshot
+and before the restore, so the snapshot sees the shards (not parameters left unsharded by an
+evaluation) and the next forward gathers the restored shards (not stale unsharded copies).
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
+
+from .sharding import like, local, reshard, sync_extras, zero_extras, zero_stateful
 
 __all__ = ["Snapshot", "STORAGES", "capture_rng", "restore_rng"]
 
@@ -63,11 +74,11 @@ class _TensorStore:
         self._copies: list[torch.Tensor] | None = None
         cuda = False
         if storage == "device":
-            copies = [t.detach().clone() for t in tensors]
+            copies = [local(t.detach()).clone() for t in tensors]
         else:
             copies = []
             for t in tensors:
-                t = t.detach()
+                t = local(t.detach())  # a DTensor's local shard: no communication, local shape
                 if t.device.type == "cpu":
                     copies.append(t.clone())
                 else:
@@ -141,6 +152,7 @@ class Snapshot:
     _extras: list[tuple[Callable[[Any], None], Any]] = field(default_factory=list, repr=False)
     _rng: dict | None = field(default=None, repr=False)
     _generators: list[torch.Generator] = field(default_factory=list, repr=False)
+    _modules: list[torch.nn.Module] = field(default_factory=list, repr=False)  # resharded before restore
 
     @classmethod
     def take(
@@ -173,6 +185,8 @@ class Snapshot:
             return len(tensors) - 1
 
         modules = list(modules)
+        reshard(modules)  # FSDP: parameters() must yield the shards, not what an evaluation left unsharded
+        snap._modules = modules
         for m in modules:
             for t in list(m.parameters()) + list(m.buffers()):
                 if id(t) in seen:
@@ -181,6 +195,13 @@ class Snapshot:
                 add(t)
                 if grads and isinstance(t, torch.nn.Parameter):
                     snap._grads.append((t, add(t.grad) if t.grad is not None else None))
+        optimizers = list(optimizers)
+        for opt in optimizers:  # params that are not module parameters: fp32 master copies (DeepSpeed ZeRO)
+            for g in opt.param_groups:
+                for p in g["params"]:
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        add(p)
         snap._n_module = len(tensors)
         for opt in optimizers:
             groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in opt.param_groups]
@@ -193,15 +214,13 @@ class Snapshot:
             snap._opt_states.append((opt, per_param, groups))
         snap._tensors = tensors
         snap._store = _TensorStore(tensors, storage, directory)
+        # a DeepSpeed engine's LR scheduler (once, also when the caller passed it)
+        stateful = list({id(o): o for o in [*stateful, *zero_stateful(modules)]}.values())
         snap._stateful = [(obj, _clone_tree(obj.state_dict())) for obj in stateful]
-        extras = list(extras)
-        for m in modules:
-            if isinstance(m, torch.nn.parallel.DistributedDataParallel):
-                # DDP decides in forward whether the *next* forward broadcasts buffers (BatchNorm stats):
-                # a fork's no-grad evaluation flips that flag, so it is part of the main branch's state.
-                extras.append((lambda m=m: (m.require_forward_param_sync, m.require_backward_grad_sync),
-                               lambda v, m=m: (setattr(m, "require_forward_param_sync", v[0]),
-                                               setattr(m, "require_backward_grad_sync", v[1]))))
+        # DDP's next-forward buffer broadcast flag (a no-grad evaluation flips it), FSDP2's gradient
+        # sync flags (a fork that accumulates sets them) and a DeepSpeed engine's step counters and loss
+        # scaler are part of the main branch's state.
+        extras = list(extras) + sync_extras(modules) + zero_extras(modules)
         snap._extras = [(setter, copy.deepcopy(getter())) for getter, setter in extras]
         snap._generators = list(generators)
         if rng:
@@ -210,7 +229,7 @@ class Snapshot:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the tensor copies."""
+        """Bytes held by the tensor copies (this rank's local shards for sharded tensors)."""
         return self._store.nbytes if self._store is not None else 0
 
     @torch.no_grad()
@@ -218,9 +237,11 @@ class Snapshot:
         """Write the captured state back in place. The snapshot stays valid (restore again at will)."""
         copies = self._store.load() if self._store is not None else []
         cuda = False
+        reshard(self._modules)  # the next forward must gather the restored shards, not reuse unsharded copies
 
         def put(dst: torch.Tensor, src: torch.Tensor) -> None:
             nonlocal cuda
+            dst = local(dst)
             dst.copy_(src, non_blocking=True)
             cuda = cuda or dst.device.type == "cuda"
 
@@ -234,7 +255,7 @@ class Snapshot:
             elif p.grad is not None:
                 put(p.grad, copies[i])
             else:
-                p.grad = copies[i].to(p.device, copy=True)
+                p.grad = like(p, copies[i])
         for opt, per_param, groups in self._opt_states:
             for g, saved in zip(opt.param_groups, groups):
                 for k in [k for k in g if k != "params" and k not in saved]:
@@ -252,10 +273,10 @@ class Snapshot:
                         continue
                     cur = st.get(k)
                     src = copies[v]
-                    if isinstance(cur, torch.Tensor) and cur.shape == src.shape and cur.dtype == src.dtype:
+                    if isinstance(cur, torch.Tensor) and local(cur).shape == src.shape and cur.dtype == src.dtype:
                         put(cur, src)
                     else:
-                        st[k] = src.to(self._tensors[v].device, copy=True)
+                        st[k] = like(self._tensors[v], src)
         if cuda:
             torch.cuda.synchronize()
         for obj, state in self._stateful:
@@ -275,6 +296,7 @@ class Snapshot:
         self._opt_states = []
         self._stateful = []
         self._extras = []
+        self._modules = []
 
     def __enter__(self) -> "Snapshot":
         return self

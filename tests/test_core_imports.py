@@ -3,13 +3,13 @@
 import subprocess
 import sys
 
-FRAMEWORKS = ["lightning", "pytorch_lightning", "transformers", "accelerate", "matplotlib", "torchmetrics"]
+FRAMEWORKS = ["lightning", "pytorch_lightning", "transformers", "accelerate", "deepspeed", "matplotlib", "torchmetrics"]
 
 
 def test_core_imports_no_framework():
     code = (
         "import sys, cooldown_callbacks, cooldown_callbacks.engine, cooldown_callbacks.snapshot, "
-        "cooldown_callbacks.data, cooldown_callbacks.records, cooldown_callbacks.plan\n"
+        "cooldown_callbacks.data, cooldown_callbacks.records, cooldown_callbacks.plan, cooldown_callbacks.sharding\n"
         "import importlib.util\n"
         "for extra in ('theory', 'cli'):\n"
         "    if importlib.util.find_spec('cooldown_callbacks.' + extra):\n"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.data import cooldown_batches
 from cooldown_callbacks.snapshot import Snapshot
 
@@ -15,11 +15,7 @@ if TYPE_CHECKING:
     from .hook import CooldownHook
 
 
-def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind an accelerate ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):  # AcceleratedOptimizer & co
-        opt = opt.optimizer
-    return opt
+_inner = sharding.torch_optimizer  # behind AcceleratedOptimizer and/or DeepSpeed's ZeRO optimizer
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -44,6 +40,8 @@ class _HookRunner:
             gs = acc.gradient_state
             extras.append((lambda: dict(gs.__dict__), lambda d: (gs.__dict__.clear(), gs.__dict__.update(d))))
             extras.append((lambda: acc.step, lambda v: setattr(acc, "step", v)))
+        # a DeepSpeed engine as the model: Snapshot adds its counters, loss scaler and LR scheduler, and the
+        # inner torch optimizer's params are its fp32 master partitions
         return Snapshot.take(modules=[h.model], optimizers=[_inner(o) for o in h.optimizers],
                              stateful=[*h._schedulers, *h._scalers, *h._stateful], generators=h._generators,
                              extras=extras, storage=h.snapshot_storage, directory=h.engine.dirpath)
@@ -61,6 +59,7 @@ class _HookRunner:
                                     rank=h.rank, world_size=h.world_size)
         base, at_fork = self.base_lrs(), self.current_lrs()
         h._fork_lrs = lambda k: h.engine.fork_lrs(step, k, cooldown_steps, base, at_fork)
+        h._fork_groups = h._groups
         h._fork_k = 0
         h._fork_step, h._fork_bad_grad = step, None
         self._micro = 0
@@ -88,6 +87,13 @@ class _HookRunner:
         h = self.h
         acc = h.accelerator
         ga = h.gradient_accumulation_steps
+        ds = h._ds_engine
+        if ds is not None and acc is None:  # DeepSpeed owns accumulation, clipping, loss scaling and zero_grad
+            loss = h.loss_fn(h.model, _to_device(batch, ds.device))
+            ds.backward(loss)
+            if getattr(ds, "managed_gradient_accumulation", lambda: True)() or self._micro % ga == 0:
+                ds.step()
+            return float(loss.detach())
         if acc is not None:
             batch = _to_device(batch, acc.device)
             with acc.accumulate(h.model):
@@ -103,14 +109,14 @@ class _HookRunner:
             return float(loss.detach())
         last = self._micro % ga == 0
         model = h.model
-        ctx = model.no_sync() if (not last and isinstance(model, torch.nn.parallel.DistributedDataParallel)) \
-            else contextlib.nullcontext()
-        with ctx:
+        # non-final micro-batches without gradient communication, as users accumulate: DDP/FSDP1 no_sync(),
+        # FSDP2 set_requires_gradient_sync(False)
+        with sharding.no_gradient_sync(model, enabled=not last):
             loss = h.loss_fn(model, _to_device(batch, next(model.parameters()).device))
             (loss / ga if ga > 1 else loss).backward()
         if last:
             if h.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), h.max_grad_norm)
+                sharding.clip_grad_norm(model, h.max_grad_norm)  # FSDP1: its own clip_grad_norm_
             for o in h.optimizers:
                 o.step()
             for o in h.optimizers:
@@ -136,6 +142,12 @@ class _HookRunner:
         if h.save_fn is not None:
             h.save_fn(h.model, path)
             return
+        if h.save_format == "dcp":  # a sharded folder, written by every rank
+            sharding.save_dcp(h.model, path)
+            return
+        if sharding.is_sharded(h.model):  # gathered on every rank (FSDP, DeepSpeed fp32 masters), written by rank 0
+            sharding.save_full(h.model, path)
+            return
         if h.accelerator is not None:
             state = h.accelerator.get_state_dict(h.model)
             if h.accelerator.is_main_process:
@@ -146,33 +158,27 @@ class _HookRunner:
     def end(self) -> None:
         h = self.h
         h._fork_lrs = None
+        h._fork_groups = []
         self._it = None
 
     def nonfinite_grad_step(self) -> int | None:
         return self.h._fork_bad_grad
 
     def any_rank(self, flag: bool) -> bool:
-        h = self.h
-        if h.world_size == 1:
-            return flag
-        dev = h.accelerator.device if h.accelerator is not None else next(h.model.parameters()).device
-        t = torch.tensor([1.0 if flag else 0.0], device=dev)
-        torch.distributed.all_reduce(t)
-        return bool(t.item() > 0)
+        return sharding.any_rank(flag, device=self._device()) if self.h.world_size > 1 else flag
 
     def barrier(self) -> None:
+        if self.h.world_size > 1:
+            sharding.barrier(device=self._device())
+
+    def _device(self) -> torch.device:
         h = self.h
-        if h.world_size > 1:
-            if h.accelerator is not None:
-                h.accelerator.wait_for_everyone()
-            else:
-                torch.distributed.barrier()
+        if h.accelerator is not None:
+            return h.accelerator.device
+        return sharding.local(next(h.model.parameters())).device
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer is about to apply is finite (one max-norm, one sync)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+_grads_finite = sharding.grads_finite  # this rank's (local) gradients; the engine combines the ranks
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule
+from cooldown_callbacks.sharding import SAVE_FORMATS
 from cooldown_callbacks.snapshot import STORAGES
 
 from ._runner import _HookRunner, _grads_finite, _inner
@@ -23,8 +25,10 @@ class CooldownHook:
     """Runs the main branch from ``schedule`` and forks cooldowns per ``plan`` in a hand-written loop.
 
     Args:
-        model: the (prepared) model.
-        optimizer: the (prepared) optimizer, or a list of them.
+        model: the (prepared) model, or a ``deepspeed.DeepSpeedEngine`` (ZeRO stage 0, 1 or 2; the fork's
+            steps then go through ``engine.backward`` / ``engine.step``, which own accumulation,
+            clipping and loss scaling; see :mod:`cooldown_callbacks.sharding`).
+        optimizer: the (prepared) optimizer, or a list of them (``None`` with a DeepSpeed engine: its own).
         schedule: main-branch schedule (``WSD``, ``RSqrt``, ...); ``None`` keeps the user's scheduler
             and forks decay from the current LR.
         plan: when and how to fork (``ForkPlan``; ``on_eval`` plans need ``hook.step(evaluating=True)``).
@@ -39,12 +43,25 @@ class CooldownHook:
         accelerator: an ``accelerate.Accelerator``, or ``None`` for a plain PyTorch loop.
         schedulers, scalers, generators, stateful: extra objects whose state the fork must not
             change (the accelerator's own scaler is added automatically).
-        gradient_accumulation_steps: micro-batches per optimizer step (default: the accelerator's).
-        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping).
+        gradient_accumulation_steps: micro-batches per optimizer step (default: the accelerator's, or
+            the DeepSpeed engine's).
+        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping; with
+            DeepSpeed, clipping is its ``gradient_clipping`` config).
         dirpath: where cooled checkpoints and ``forks.jsonl`` go.
-        save_fn: ``save_fn(model, path)`` writing the cooled model (default: the unwrapped
-            ``state_dict`` with ``torch.save``, ``.pt``).
-        snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``.
+        save_fn: ``save_fn(model, path)`` writing the cooled model, called on every rank (default: the
+            unwrapped ``state_dict`` with ``torch.save``, ``.pt``; for a sharded model the full state
+            gathered on every rank and written by rank 0, see ``save_format``).
+        save_format: ``"full"`` (default: one ``.pt`` file that loads with
+            ``model.load_state_dict(torch.load(path))``) or ``"dcp"`` (a folder of
+            ``torch.distributed.checkpoint`` shards written by every rank, for models too large to
+            gather; convert with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
+        snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``. Sharded (FSDP2) state is
+            copied per rank, local shards only.
+
+    Sharded models (FSDP2 ``fully_shard``, Accelerate's FSDP2 plugin, FSDP1 ``FullyShardedDataParallel``)
+    fork exactly: see :mod:`cooldown_callbacks.sharding`. In the ``loss_fn`` path non-final micro-batches
+    skip gradient communication as users do (DDP/FSDP1 ``no_sync()``, FSDP2
+    ``set_requires_gradient_sync(False)``) and FSDP1 clips with its own ``clip_grad_norm_``.
     """
 
     def __init__(
@@ -68,11 +85,25 @@ class CooldownHook:
         dirpath: str | os.PathLike = "cooled",
         filename: str = "cooled-step={step:08d}-cd={cooldown}",
         save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
+        save_format: Literal["full", "dcp"] = "full",
         snapshot_storage: str = "cpu",
         verbose: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"Invalid model ({type(model).__name__}): must be a torch.nn.Module.")
+        ds_engine = model if sharding.is_zero(model) else None
+        if ds_engine is not None:
+            sharding.check_zero(ds_engine, "CooldownHook")
+            if optimizer is None:
+                optimizer = ds_engine.optimizer
+            ds_ga = int(ds_engine.gradient_accumulation_steps())
+            if gradient_accumulation_steps not in (None, ds_ga):
+                raise ValueError(f"Invalid gradient_accumulation_steps ({gradient_accumulation_steps!r}): the "
+                                 f"DeepSpeed engine accumulates {ds_ga} micro-batches per step; leave it None.")
+            gradient_accumulation_steps = ds_ga
+            if max_grad_norm is not None:
+                raise ValueError(f"Invalid max_grad_norm ({max_grad_norm!r}) with a DeepSpeed engine: DeepSpeed clips "
+                                 "in engine.step(); set its 'gradient_clipping' config and leave max_grad_norm None.")
         optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         if not optimizers or not all(isinstance(_inner(o), torch.optim.Optimizer) for o in optimizers):
             raise ValueError("Invalid optimizer: pass the torch (or accelerate-prepared) optimizer, or a list of them.")
@@ -99,14 +130,23 @@ class CooldownHook:
             raise ValueError("max_grad_norm applies to the loss_fn path; with step_fn, clip inside your step_fn.")
         if snapshot_storage not in STORAGES:
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
+        if save_format not in SAVE_FORMATS:
+            raise ValueError(f"Invalid save_format ({save_format!r}): choose one of {SAVE_FORMATS}.")
+        if save_fn is not None and save_format != "full":
+            raise ValueError("save_format applies to the default save; with save_fn, write the format you want there.")
+        if ds_engine is not None and save_format != "full":
+            raise ValueError(f"Invalid save_format ({save_format!r}) with a DeepSpeed engine: ZeRO-1/2 hold the full "
+                             "module on every rank; use save_format='full'.")
         self.model = model
         self.optimizers = optimizers
+        self._ds_engine = ds_engine
         self.accelerator = accelerator
         self.loss_fn, self.step_fn, self.eval_fn, self.save_fn = loss_fn, step_fn, eval_fn, save_fn
         self.train_loader = train_loader
         self.gradient_accumulation_steps = ga
         self.max_grad_norm = max_grad_norm
         self.snapshot_storage = snapshot_storage
+        self.save_format = save_format
         self.verbose = verbose
         self.rank, self.world_size = self._dist_info()
         self.engine = ForkEngine(plan, schedule, check_writable_dir(dirpath) if self.rank == 0 else Path(dirpath),
@@ -120,6 +160,7 @@ class CooldownHook:
         self._stateful = list(stateful)
         self.step_count = 0
         self._fork_lrs: Callable[[int], list[float]] | None = None
+        self._fork_groups: list[dict] = []  # param groups at the fork's start (DeepSpeed steps one group at a time)
         self._fork_k = 0
         self._fork_step = 0
         self._fork_bad_grad: int | None = None  # first fork step with a non-finite gradient
@@ -143,7 +184,7 @@ class CooldownHook:
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._fork_lrs is not None:
             lrs = self._fork_lrs(self._fork_k)
-            for g, lr in zip(self._groups, lrs):
+            for g, lr in zip(self._fork_groups, lrs):
                 g["lr"] = lr
             if self._fork_bad_grad is None and not _grads_finite(optimizer):
                 self._fork_bad_grad = self._fork_step + self._fork_k
@@ -160,7 +201,7 @@ class CooldownHook:
         self.step_count += 1
         t = self.step_count
         rec = None
-        suffix = ".pt" if self.save_fn is None else ""
+        suffix = self._suffix()
         if self.engine.should_fork(t, evaluating=evaluating):
             rec = self.engine.fork(t, _HookRunner(self), suffix=suffix, main_metrics=metrics)
             self._report(rec)
@@ -180,7 +221,7 @@ class CooldownHook:
         plan = self.engine.plan
         if not plan.at_end or t <= 0 or t in self.engine.completed:
             return None
-        rec = self.engine.fork(t, _HookRunner(self), suffix=".pt" if self.save_fn is None else "", main_metrics=metrics)
+        rec = self.engine.fork(t, _HookRunner(self), suffix=self._suffix(), main_metrics=metrics)
         self._report(rec)
         return rec
 
@@ -208,6 +249,10 @@ class CooldownHook:
         self._apply_main_lr()
 
     # -- internals ---------------------------------------------------------------------------
+    def _suffix(self) -> str:
+        """``.pt`` for the default full save; a DCP folder or the user's ``save_fn`` get the bare name."""
+        return ".pt" if self.save_fn is None and self.save_format == "full" else ""
+
     def _dist_info(self) -> tuple[int, int]:
         if self.accelerator is not None:
             return self.accelerator.process_index, self.accelerator.num_processes

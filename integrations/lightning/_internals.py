@@ -48,6 +48,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 #       ._first_loop_iter, ._current_fx, .log_metrics(...)
 #   trainer._last_val_time, trainer._val_check_time_interval, trainer._signal_connector.received_sigterm
 #   trainer.strategy._lightning_optimizers
+#   ModelParallelStrategy._save_distributed_checkpoint  (one full file or a DCP folder, per cooled save)
 #   trainer.lightning_module._on_before_batch_transfer, ._current_fx_name
 #   torch DistributedDataParallel.require_forward_param_sync / require_backward_grad_sync (torch-internal flags)
 #   torchmetrics Metric._defaults, ._update_count, ._forward_cache, ._computed, ... (metric states to snapshot)
@@ -411,6 +412,23 @@ def _eval_every_steps(trainer: pl.Trainer) -> int | None:
     if trainer.check_val_every_n_epoch == 1 and n % vcb == 0 and vcb % ga == 0:
         return vcb // ga
     return None
+
+@contextlib.contextmanager
+def _checkpoint_layout(strategy: Any, distributed: bool) -> Iterator[None]:
+    """ModelParallelStrategy: write the next checkpoint as one full file (``distributed=False``) or as a
+    DCP folder, whatever the strategy was created with. Other strategies: unchanged."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        yield
+        return
+    saved = strategy._save_distributed_checkpoint
+    strategy._save_distributed_checkpoint = distributed
+    try:
+        yield
+    finally:
+        strategy._save_distributed_checkpoint = saved
+
 
 def _metric_extras(module: torch.nn.Module) -> list:
     """(get, set) pairs for torchmetrics states, which are not in ``state_dict()`` (torchmetrics-internal names)."""

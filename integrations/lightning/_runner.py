@@ -13,13 +13,15 @@ import torch
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.data import cooldown_batches, is_stateful_loader
 from cooldown_callbacks.engine import ForkError
 from cooldown_callbacks.snapshot import Snapshot, capture_rng, restore_rng
 
-from ._internals import (RunningStage, _auto_micro_step, _cooled_validation, _ddp_extras, _discarded_train_logging,
-                         _MainStreamPeek, _manual_micro_step, _metric_extras, _module_hook, _module_train_modes,
-                         _next_batch_idx, _prefetched_batches, _progress_extras, _to_device, _val_batches)
+from ._internals import (RunningStage, _auto_micro_step, _checkpoint_layout, _cooled_validation, _ddp_extras,
+                         _discarded_train_logging, _MainStreamPeek, _manual_micro_step, _metric_extras, _module_hook,
+                         _module_train_modes, _next_batch_idx, _prefetched_batches, _progress_extras, _to_device,
+                         _val_batches)
 
 if TYPE_CHECKING:
     from .callback import CooldownCallback
@@ -252,7 +254,10 @@ class _Runner:
         return metrics
 
     def save(self, path: Path) -> None:
-        self.trainer.save_checkpoint(path, weights_only=self.cb.save_weights_only)
+        # every rank calls (the strategy gathers or writes shards); ModelParallelStrategy writes one full file
+        # (save_format="full") or a DCP folder ("dcp"), whatever it was created with
+        with _checkpoint_layout(self.trainer.strategy, distributed=self.cb.save_format == "dcp"):
+            self.trainer.save_checkpoint(path, weights_only=self.cb.save_weights_only)
 
     def end(self) -> None:
         self._it = None
@@ -262,10 +267,10 @@ class _Runner:
         return self.cb._fork_bad_grad
 
     def any_rank(self, flag: bool) -> bool:
-        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=False))
+        return sharding.any_rank(flag, device=self.trainer.strategy.root_device)
 
     def barrier(self) -> None:
-        self.trainer.strategy.barrier("cooldown_callbacks")
+        sharding.barrier(device=self.trainer.strategy.root_device)
 
 def _float(x: Any) -> float | None:
     if x is None:
@@ -279,10 +284,7 @@ def _float(x: Any) -> float | None:
 
 
 
-def _grads_finite(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every gradient the optimizer is about to apply is finite (one max-norm, one sync)."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+_grads_finite = sharding.grads_finite  # this rank's (local) gradients; the engine combines the ranks
 
 
 def _worse(a: float | None, b: float | None) -> float | None:

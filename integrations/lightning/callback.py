@@ -19,6 +19,7 @@ from cooldown_callbacks.engine import ForkEngine
 from cooldown_callbacks.plan import ForkPlan
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule
+from cooldown_callbacks.sharding import SAVE_FORMATS
 from cooldown_callbacks.snapshot import STORAGES, capture_rng, restore_rng
 
 from ._checks import (CooldownMisconfiguration, check_callbacks, check_data, check_fit, claim_dirpath, default_dirpath,
@@ -69,6 +70,12 @@ class CooldownCallback(Callback):
         prefix: prefix of the cooled metrics in the loggers, the progress bar and
             ``trainer.callback_metrics``; also keys the callback's state in checkpoints.
         save_weights_only: save only the weights (``trainer.save_checkpoint(weights_only=True)``).
+        save_format: how a sharded strategy writes each cooled checkpoint. ``"full"`` (default): one
+            ``.ckpt`` file with the unsharded state, gathered on every rank and written by rank 0
+            (``load_from_checkpoint`` loads it); ``"dcp"``: ``ModelParallelStrategy``'s distributed
+            checkpoint folder (every rank writes its shards; for models too large to gather; convert
+            with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``). Other strategies
+            write one file either way; ``"dcp"`` needs ``ModelParallelStrategy``.
         snapshot_storage: where the main branch's copy lives during a fork: ``"cpu"``, ``"device"``
             or ``"disk"``.
         progress_bar: show the cooldown and the cooled validation under Lightning's progress bar.
@@ -129,7 +136,9 @@ class CooldownCallback(Callback):
     when the checkpoint was written) is in every Lightning checkpoint; the RNG is put back at the first
     training batch after ``fit(ckpt_path=...)``, so a resume from a checkpoint taken mid-epoch
     continues bit for bit with a stateful train loader. Under DDP, rank 0's RNG state is the one saved
-    and restored. Bad configuration raises :class:`CooldownMisconfiguration` (a ``ValueError`` and a
+    and restored. Sharded training: exact under ``ModelParallelStrategy`` (FSDP2 in ``configure_model``;
+    each rank snapshots its local shards); ``strategy="fsdp"`` (FSDP1) and ``strategy="deepspeed"`` are
+    refused in ``setup``. Bad configuration raises :class:`CooldownMisconfiguration` (a ``ValueError`` and a
     Lightning ``MisconfigurationException``) in ``setup`` / ``on_fit_start`` / ``on_train_start``,
     before the first training step.
     """
@@ -142,6 +151,7 @@ class CooldownCallback(Callback):
         filename: str = "cooled-step={step:08d}-cd={cooldown}",
         prefix: str = "cooldown/",
         save_weights_only: bool = False,
+        save_format: Literal["full", "dcp"] = "full",
         snapshot_storage: Literal["cpu", "device", "disk"] = "cpu",
         progress_bar: bool = True,
         verbose: bool = True,
@@ -159,10 +169,13 @@ class CooldownCallback(Callback):
             raise ValueError(f"Invalid prefix ({prefix!r}): must be a non-empty string such as 'cooldown/'.")
         if snapshot_storage not in STORAGES:
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
+        if save_format not in SAVE_FORMATS:
+            raise ValueError(f"Invalid save_format ({save_format!r}): choose one of {SAVE_FORMATS}.")
         self.engine = ForkEngine(plan, schedule, dirpath if dirpath is not None else "cooled", filename=filename)
         self._dirpath_arg = None if dirpath is None else str(dirpath)
         self.prefix = prefix
         self.save_weights_only = bool(save_weights_only)
+        self.save_format = save_format
         self.snapshot_storage = snapshot_storage
         self.progress_bar = bool(progress_bar)
         self.verbose = bool(verbose)
@@ -220,6 +233,7 @@ class CooldownCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
+        self._check_strategy(trainer)
         # A new fit starts a new history (Lightning loads the checkpoint's state after this hook when
         # resuming with ckpt_path=); reusing the callback for another fit must not skip its forks.
         self._skip_forks = bool(trainer.fast_dev_run)
@@ -233,6 +247,28 @@ class CooldownCallback(Callback):
         self._resume_rng = None
         self._steps, self._rng_before_validation = 0, None
         self._data_warned = self._rate_warned = self._stream_rng_moved = False
+
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        """Sharded strategies: exact with ModelParallelStrategy (FSDP2); FSDP1 and DeepSpeed are refused, before
+        any step."""
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy):  # Lightning runs it on CUDA only: not verified here
+            raise CooldownMisconfiguration(
+                "CooldownCallback does not support strategy='deepspeed' (DeepSpeedStrategy): its forks cannot be "
+                "verified exact. Use strategy='ddp', or strategy=ModelParallelStrategy() with FSDP2's fully_shard in "
+                "LightningModule.configure_model; for DeepSpeed ZeRO-1/2 (exact), use CooldownHook with a DeepSpeed "
+                "engine in your own loop, or the HF Trainer's CooldownTrainerCallback with deepspeed=...")
+        if isinstance(strategy, FSDPStrategy):
+            raise CooldownMisconfiguration(
+                "CooldownCallback does not support strategy='fsdp' (FSDPStrategy, FSDP1 FullyShardedDataParallel): "
+                "its forks cannot be verified exact. Use strategy=ModelParallelStrategy() and apply FSDP2's "
+                "fully_shard in LightningModule.configure_model; forks are exact there.")
+        if self.save_format == "dcp" and not isinstance(strategy, ModelParallelStrategy):
+            raise CooldownMisconfiguration(
+                f"Invalid save_format ('dcp') with {type(strategy).__name__}: only ModelParallelStrategy writes "
+                "distributed (DCP) checkpoints; use save_format='full'.")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

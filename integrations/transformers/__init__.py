@@ -87,8 +87,9 @@ to ``Trainer(callbacks=[...])``.
 Distributed: every rank forks at the same step (triggers depend only on the step and the Trainer's
 control flags) and runs the same collectives; rank zero writes files. A ``torchrun`` launch that the
 Trainer runs as independent processes (on CPU without ``--use_cpu --ddp_backend gloo``) is refused at
-train start. DeepSpeed is not supported
-(its engine owns the optimizer step).
+train start. DeepSpeed (``deepspeed=`` config): ZeRO stage 0, 1 and 2 are exact (the snapshot keeps each
+rank's fp32 master partitions, the engine's counters, loss scaler and LR scheduler); ZeRO-3 and offload
+are refused before the first step.
 """
 
 from .callback import CooldownTrainerCallback

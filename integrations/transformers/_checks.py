@@ -1,5 +1,6 @@
 """What the HF callback checks and says at train start, before the first step.
 
+- :func:`check_fsdp`: FSDP2 forks exactly; FSDP v1 is refused.
 - :func:`check_launch`: ``torchrun`` started several processes but the Trainer runs as one (on CPU
   without ``--use_cpu --ddp_backend gloo``): every process would act as rank zero, or train without
   gradient synchronisation.
@@ -22,12 +23,14 @@ import torch
 from transformers import Trainer
 from transformers.utils import logging
 
+from cooldown_callbacks import sharding
+
 if TYPE_CHECKING:
     from cooldown_callbacks.engine import ForkEngine
 
     from .callback import CooldownTrainerCallback
 
-__all__ = ["check_launch", "check_siblings", "claim_dirpath", "note_schedule", "scheduler_name",
+__all__ = ["check_fsdp", "check_launch", "check_siblings", "claim_dirpath", "note_schedule", "scheduler_name",
            "DECAYING_SCHEDULERS"]
 
 logger = logging.get_logger("cooldown_callbacks.integrations.transformers")
@@ -63,6 +66,24 @@ def check_launch(trainer: Trainer) -> None:
         f"CooldownTrainerCallback: launched as {launched} processes (WORLD_SIZE={launched}), but {what}. On CPU "
         "pass --use_cpu --ddp_backend gloo (TrainingArguments(use_cpu=True, ddp_backend='gloo')); on GPUs check "
         "that each process sees its device (LOCAL_RANK) and the ddp_backend.")
+
+
+def check_fsdp(trainer: Trainer, args: Any) -> None:
+    """FSDP2 forks exactly (same code as DDP, on local shards); FSDP v1 is refused before the first step.
+
+    Detected from accelerate's FSDP plugin (the Trainer enables FSDP on accelerators only) and from the
+    model itself. On a machine where the Trainer ignores ``fsdp=`` (no accelerator: it runs DDP), say so.
+    """
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    version = getattr(plugin, "fsdp_version", None) if getattr(trainer, "is_fsdp_enabled", False) else None
+    if version == 1 or sharding.sharding_of(trainer.model_wrapped) == "fsdp1":
+        raise ValueError("CooldownTrainerCallback does not support FSDP v1 (FullyShardedDataParallel): its forks "
+                         "cannot be verified exact. Use FSDP2: TrainingArguments(fsdp='full_shard', "
+                         "fsdp_config={'fsdp_version': 2}); forks are exact there.")
+    if getattr(args, "fsdp", None) and plugin is None and not sharding.is_sharded(trainer.model_wrapped):
+        logger.warning("CooldownTrainerCallback: TrainingArguments(fsdp=...) is set but the Trainer did not enable "
+                       "FSDP (it needs an accelerator; this run is data-parallel without sharding). Forks are exact "
+                       "either way.")
 
 
 def check_siblings(cb: CooldownTrainerCallback, trainer: Trainer) -> None:

@@ -10,6 +10,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.records import ForkRecord
 
 from ._runner import _weights
@@ -71,9 +72,10 @@ def end_on_cooled(cb: CooldownTrainerCallback, trainer: Trainer, step: int) -> N
         logger.warning(f"CooldownTrainerCallback(final_model='cooled'): the Trainer's model stays the main branch "
                        f"at step {step}: {why}.")
         return
+    sharding.reshard([trainer.model])  # FSDP: the next forward must gather these shards, not reuse unsharded copies
     with torch.no_grad():
         for dst, src in zip(_weights(trainer.model), kept[1]):
-            dst.copy_(src)
+            sharding.local(dst).copy_(src)
     if cb.verbose and cb._engine.is_global_zero:
         write(trainer, f"[cooldown] final_model='cooled': the Trainer's model is now the cooled model of step {step} "
                        "(the main branch is in the last checkpoint)")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from transformers import Trainer
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.engine import ForkError
 from cooldown_callbacks.snapshot import Snapshot
 
@@ -25,12 +26,16 @@ class _TrainerRunner:
     One cooldown step repeats the body of ``Trainer._run_epoch`` for one optimizer step:
     ``get_batch_samples``, per micro-batch ``_set_sync_gradients`` + ``no_sync`` (all but the last) +
     ``training_step`` on ``model_wrapped``, then ``_clip_grad_norm``, ``optimizer.step()`` and
-    ``zero_grad``. Other callbacks' step events are not called during a fork.
+    ``zero_grad``. Other callbacks' step events are not called during a fork. Under DeepSpeed (ZeRO-0/1/2)
+    the last micro-batch's ``accelerator.backward`` runs ``engine.step`` (DeepSpeed clips, steps and
+    zeroes; ``optimizer.step()`` is a no-op), so the fork's LRs are set before the micro-batches, and
+    no micro-batch runs under ``no_sync`` (as in the Trainer's own loop).
 
     Private internals used (pinned: transformers 5.23, accelerate 1.15; the tests in
     tests/test_transformers.py fail if they move): ``Trainer._clip_grad_norm``,
     ``Trainer.current_gradient_accumulation_steps``, ``Trainer.save_model(_internal_call=True)`` (no
-    Hub push per fork), accelerate's ``GradientState._set_sync_gradients``,
+    Hub push per fork), ``Trainer._save(output_dir, state_dict=...)`` (a sharded model's gathered state,
+    on the main process), accelerate's ``GradientState._set_sync_gradients``,
     ``GradientState._dataloader_references_ref`` and ``plugin_kwargs["sync_each_batch"]``; for
     ``data="peek"`` the batch-sampler chain of accelerate's prepared loader (``.batch_sampler``,
     ``.sampler``, ``SeedableRandomSampler``) and the Trainer's epoch arithmetic
@@ -66,7 +71,8 @@ class _TrainerRunner:
         scaler = getattr(t.accelerator, "scaler", None)
         if scaler is not None:
             stateful.append(scaler)
-        # the wrapped (DDP) model too: its buffer/grad sync flags are main-branch state (deduplicated tensors)
+        # the wrapped model too: DDP's buffer/grad sync flags, a DeepSpeed engine's counters, loss scaler and
+        # LR scheduler are main-branch state (tensors are deduplicated; the fp32 masters are the optimizer's params)
         modules = [t.model] if t.model_wrapped is t.model else [t.model, t.model_wrapped]
         return Snapshot.take(modules=modules, optimizers=[self.opt], stateful=stateful, extras=extras,
                              storage=self.cb.snapshot_storage, directory=self.cb._engine.dirpath)
@@ -97,12 +103,16 @@ class _TrainerRunner:
         t.current_gradient_accumulation_steps = len(batch_samples)
         model = t.model_wrapped
         gs = t.accelerator.gradient_state
+        deepspeed = getattr(t, "is_deepspeed_enabled", False)
+        if deepspeed:  # the optimizer steps inside the last micro-batch's backward
+            for g, lr in zip(self.opt.param_groups, lrs):
+                g["lr"] = lr
         total = 0.0
         for i, inputs in enumerate(batch_samples):
             last = i == len(batch_samples) - 1
             gs._set_sync_gradients(last)
             sync_each = gs.plugin_kwargs.get("sync_each_batch", False)
-            ctx = contextlib.nullcontext() if (last or sync_each) else t.accelerator.no_sync(model=model)
+            ctx = contextlib.nullcontext() if (last or sync_each or deepspeed) else t.accelerator.no_sync(model=model)
             with ctx:
                 loss = t.training_step(model, inputs, num_items)
             total += float(loss.detach().float().sum()) if torch.is_tensor(loss) else float(loss)
@@ -153,9 +163,17 @@ class _TrainerRunner:
         return out
 
     def save(self, path: Path) -> None:
-        self.t.save_model(str(path), _internal_call=True)
-        if self.keep_cooled:
-            self.cooled = [x.detach().to("cpu", copy=True) for x in _weights(self.t.model)]
+        t = self.t
+        if self.cb.save_format == "dcp":  # a folder of shards, written by every rank
+            sharding.save_dcp(t.model, path)
+        elif sharding.is_sharded(t.model):  # FSDP2: gathered on every rank, written by the main process
+            state = sharding.full_state_dict(t.model)
+            if t.args.should_save:
+                t._save(str(path), state_dict=state)
+        else:
+            t.save_model(str(path), _internal_call=True)
+        if self.keep_cooled:  # this rank's part of the cooled weights (local shards under FSDP)
+            self.cooled = [sharding.local(x).detach().to("cpu", copy=True) for x in _weights(t.model)]
 
     def end(self) -> None:
         for m, mode in self._modes:
@@ -164,15 +182,11 @@ class _TrainerRunner:
         self._groups = None
 
     def any_rank(self, flag: bool) -> bool:
-        if self.t.args.world_size <= 1 or not torch.distributed.is_initialized():
-            return flag
-        x = torch.tensor([1.0 if flag else 0.0], device=self.t.args.device)
-        torch.distributed.all_reduce(x)
-        return bool(x.item() > 0)
+        return sharding.any_rank(flag, device=self.t.args.device) if self.t.args.world_size > 1 else flag
 
     def barrier(self) -> None:
         if self.t.args.world_size > 1:
-            self.t.accelerator.wait_for_everyone()
+            sharding.barrier(device=self.t.args.device)
 
 
 _RNG_STREAM = ("data='peek' on a streaming train_dataset: producing a batch drew from the global random number "
@@ -192,10 +206,6 @@ def _holds(trainer: Any, cb: Any) -> bool:
     return any(c is cb for c in getattr(handler, "callbacks", ()))
 
 
-def _inner(opt: Any) -> torch.optim.Optimizer:
-    """The torch optimizer behind accelerate's ``AcceleratedOptimizer`` (or the optimizer itself)."""
-    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
-        opt = opt.optimizer
-    return opt
+_inner = sharding.torch_optimizer  # behind AcceleratedOptimizer (and DeepSpeed's ZeRO optimizer)
 
 

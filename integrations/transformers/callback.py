@@ -15,14 +15,17 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState, TrainerControl
 from transformers.utils import logging
 
+from cooldown_callbacks import sharding
 from cooldown_callbacks.engine import ForkEngine, check_writable_dir
 from cooldown_callbacks.plan import ForkPlan, plan_lost_data
 from cooldown_callbacks.records import ForkRecord
 from cooldown_callbacks.schedules import Schedule, schedule_from_dict
+from cooldown_callbacks.sharding import SAVE_FORMATS
 from cooldown_callbacks.snapshot import STORAGES, capture_rng, restore_rng
 
 from . import _stream
-from ._checks import DECAYING_SCHEDULERS, check_launch, check_siblings, claim_dirpath, note_schedule, scheduler_name
+from ._checks import (DECAYING_SCHEDULERS, check_fsdp, check_launch, check_siblings, claim_dirpath, note_schedule,
+                      scheduler_name)
 from ._data import _data_kind
 from ._outputs import end_on_cooled, report, restored_record
 from ._runner import _TrainerRunner, _holds
@@ -64,14 +67,20 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         metric_key_prefix: prefix of the cooled evaluation's metrics (``cooldown_loss``, ...).
         snapshot_storage: where the main branch's copy waits during a fork: ``"cpu"`` (default),
             ``"device"`` or ``"disk"``.
+        save_format: ``"full"`` (default): each cooled model is a ``save_pretrained`` folder that
+            ``from_pretrained`` loads (under FSDP2 the full state is gathered on every rank and written by
+            the main process); ``"dcp"``: a folder of ``torch.distributed.checkpoint`` shards written by
+            every rank (for models too large to gather; convert with
+            ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
         verbose: print one line per fork on the main process (through the progress bar).
         final_model: ``"main"`` (default) leaves the Trainer's model as the main branch at the end of
             ``train()``. ``"cooled"`` (needs ``ForkPlan(at_end=True)``) loads the cooled final model (the
             fork at the last step) into ``trainer.model`` when training ends, so what a script does after
             ``train()`` - ``trainer.save_model()``, the final ``trainer.evaluate()``, the model card -
             describes the cooled model. The main branch's weights stay in the Trainer's last checkpoint
-            (resume from it to train on; with ``save_strategy="no"`` there is none, which is warned about). A copy of the cooled weights is held in CPU memory from the
-            final fork until then. Not with ``load_best_model_at_end=True`` (two different final models).
+            (resume from it to train on; with ``save_strategy="no"`` there is none, which is warned about).
+            A copy of the cooled weights (this rank's shards under FSDP) is held in CPU memory from the final
+            fork until then. Not with ``load_best_model_at_end=True`` (two different final models).
         trainer_attributes: attributes of the Trainer (subclass) that its ``compute_loss`` or
             ``training_step`` accumulates, e.g. metrics for its logs: each is deep-copied before a fork and
             put back after, so the fork's steps never reach the main branch's logs. Default ``None``:
@@ -91,6 +100,9 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
     ``EarlyStoppingCallback`` stopped it (``on_epoch_end``), else in ``on_train_end`` (after
     ``load_best_model_at_end``, if set). ``ForkPlan(record_grad_norms=True)`` keeps the ``grad_norm``
     values the Trainer logs (every ``logging_steps``).
+
+    Sharded training: FSDP2 (``fsdp_config={"fsdp_version": 2}``) forks on each rank's local shards and
+    saves the gathered full model; FSDP v1 is refused in ``on_train_begin``.
     """
 
     def __init__(
@@ -102,6 +114,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         filename: str = "cooled-step={step:08d}-cd={cooldown}",
         metric_key_prefix: str = "cooldown",
         snapshot_storage: str = "cpu",
+        save_format: str = "full",
         verbose: bool = True,
         final_model: Literal["main", "cooled"] = "main",
         trainer_attributes: Sequence[str] | None = None,
@@ -127,6 +140,8 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
                              f"not one of {_RESERVED_PREFIXES} (they are the main branch's).")
         if snapshot_storage not in STORAGES:
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
+        if save_format not in SAVE_FORMATS:
+            raise ValueError(f"Invalid save_format ({save_format!r}): choose one of {SAVE_FORMATS}.")
         if final_model not in FINAL_MODELS:
             raise ValueError(f"Invalid final_model ({final_model!r}): choose one of {FINAL_MODELS}.")
         if final_model == "cooled" and not plan.at_end:
@@ -147,6 +162,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         self.filename = filename
         self.metric_key_prefix = metric_key_prefix
         self.snapshot_storage = snapshot_storage
+        self.save_format = save_format
         self.verbose = bool(verbose)
         self.final_model = final_model
         self.trainer_attributes = trainer_attributes
@@ -214,6 +230,7 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
                 "filename": self.filename,
                 "metric_key_prefix": self.metric_key_prefix,
                 "snapshot_storage": self.snapshot_storage,
+                "save_format": self.save_format,
                 "verbose": self.verbose,
                 "final_model": self.final_model,
                 "trainer_attributes": list(self.trainer_attributes) if self.trainer_attributes is not None else None,
@@ -303,9 +320,9 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         return None
 
     def _setup(self, trainer: Trainer, args: Any, state: Any) -> None:
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            raise ValueError("CooldownTrainerCallback does not support DeepSpeed (its engine owns the optimizer "
-                             "step); use DDP or FSDP.")
+        if getattr(trainer, "is_deepspeed_enabled", False):  # ZeRO-0/1/2 exact; ZeRO-3 and offload refused
+            sharding.check_zero(trainer.model_wrapped, "CooldownTrainerCallback")
+        check_fsdp(trainer, args)
         check_launch(trainer)
         dirpath = Path(self.dirpath) if self.dirpath is not None else Path(args.output_dir) / "cooldowns"
         check_siblings(self, trainer)
