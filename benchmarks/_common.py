@@ -3,7 +3,8 @@
 Every benchmark writes ``<out>/<name>.json`` (header + table + ratios), ``<out>/<name>.md`` (the same
 as a markdown table under the header) and its PNG plots. The header records the exact command, the
 date, the machine, the library versions, the torch thread count and the load average at the start
-and at the end of the run (the machine may be shared: read timings with the load in mind).
+and at the end of the run (the machine may be shared: read timings with the load in mind), the full git
+commit and whether the tree was clean (``git_clean``; ``git_uncommitted`` lists what was not committed).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 EXAMPLES = ROOT / "examples"
 
-__all__ = ["ROOT", "RESULTS", "EXAMPLES", "base_parser", "setup", "environment", "finish", "table",
-           "median", "iqr", "interleaved", "pyplot", "rss_bytes", "reset_peak_rss", "peak_rss_bytes",
+__all__ = ["ROOT", "RESULTS", "EXAMPLES", "base_parser", "setup", "environment", "git_dirty", "finish", "table",
+           "median", "iqr", "bootstrap_ci", "interleaved", "pyplot", "rss_bytes", "reset_peak_rss", "peak_rss_bytes",
            "Timer"]
 
 
@@ -40,18 +41,30 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="where the JSON/markdown/PNG results go (default: benchmarks/results "
                     "for a full run, a temporary directory with --quick so committed results are never overwritten)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable timings)")
+    ap.add_argument("--allow-dirty", action="store_true", help="write benchmarks/results even from a tree with "
+                    "uncommitted changes (recorded in the header; such results must not be committed)")
     return ap
 
 
-def setup(args: argparse.Namespace, name: str, argv: Sequence[str] | None) -> tuple[Path, dict]:
-    """Threads, output directory and the header (with the start load average) of one benchmark run."""
+def setup(args: argparse.Namespace, name: str, argv: Sequence[str] | None,
+          script: str | None = None) -> tuple[Path, dict]:
+    """Threads, output directory and the header (with the start load average) of one benchmark run.
+
+    A full run into ``benchmarks/results`` (the committed results) needs a clean tree: results are
+    only committed for the exact code of a commit. ``--allow-dirty`` overrides (the header then lists
+    the uncommitted files); ``--out DIR`` and ``--quick`` runs write elsewhere and only record it."""
     torch.set_num_threads(args.threads)
     if args.out is None:
         out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-")) if args.quick else RESULTS
     else:
         out = Path(args.out)
+    env = environment(name, argv, script)
+    if out.resolve() == RESULTS.resolve() and not env["git_clean"] and not getattr(args, "allow_dirty", False):
+        raise SystemExit(f"{name}: refusing to write benchmarks/results from a tree that is not a clean commit "
+                         f"({_tree_state(env)}). Commit first, or pass --out DIR (or --allow-dirty).")
+    if not env["git_clean"]:
+        print(f"[{name}] WARNING: {_tree_state(env)}", file=sys.stderr, flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    env = environment(name, argv)
     return out, env
 
 
@@ -63,21 +76,27 @@ def _version(pkg: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The full hash of the checked-out commit (None outside a git checkout)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def _git_dirty() -> list[str]:
-    """Files of the library and the benchmarks that differ from the commit (empty: the commit is the code)."""
+def git_dirty() -> list[str] | None:
+    """Files that differ from the commit: modified, staged, deleted or untracked (not ignored), anywhere in
+    the repository except ``benchmarks/results`` (the outputs). Empty: the commit is exactly the code
+    that ran. ``None``: not a git checkout (cleanliness unknown)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "cooldown_callbacks", "integrations", "benchmarks",
-                              "examples"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return []
-    return sorted(line[3:] for line in out.splitlines() if line[3:] and not line[3:].startswith("benchmarks/results"))
+        return None
+    if out.returncode != 0:
+        return None
+    return sorted(path for path in (line[3:].split(" -> ")[-1] for line in out.stdout.splitlines())
+                  if path and not path.startswith("benchmarks/results/"))
 
 
 def _mem_total() -> int | None:
@@ -100,9 +119,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(name: str, argv: Sequence[str] | None) -> dict:
+def environment(name: str, argv: Sequence[str] | None, script: str | None = None) -> dict:
+    """The results header of benchmark ``name`` (results file name; ``script``: the script's name if it differs)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    script = f"benchmarks/{name}.py"
+    dirty = git_dirty()
+    script = f"benchmarks/{script or name}.py"
     return {
         "benchmark": name,
         "command": " ".join([".venv/bin/python", script, *map(shlex.quote, args)]),
@@ -118,7 +139,8 @@ def environment(name: str, argv: Sequence[str] | None) -> dict:
         "versions": {p: _version(p) for p in ("torch", "lightning", "transformers", "accelerate", "numpy",
                                               "matplotlib", "cooldown-callbacks")},
         "git_commit": _git_commit(),
-        "git_uncommitted": _git_dirty(),
+        "git_clean": dirty == [] if dirty is not None else None,
+        "git_uncommitted": dirty,
         "torch_threads": torch.get_num_threads(),
         "loadavg_start": list(os.getloadavg()),
     }
@@ -139,8 +161,7 @@ def _header_md(env: dict) -> str:
         f"# {env['benchmark']}",
         "",
         f"- command: `{env['command']}`",
-        f"- date: {env['date']} (git {env.get('git_commit')}"
-        + (f"; uncommitted: {', '.join(env['git_uncommitted'])}" if env.get("git_uncommitted") else "") + ")",
+        f"- date: {env['date']}; code: git {env.get('git_commit')}, " + _tree_state(env),
         f"- machine: {m['platform']}, {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB, "
         f"GPU: {m['gpu'] or 'none'}",
         f"- python {env['python']}; " + ", ".join(f"{k} {val}" for k, val in v.items() if val),
@@ -149,6 +170,16 @@ def _header_md(env: dict) -> str:
         f"{'/'.join(f'{x:.2f}' for x in env.get('loadavg_end', []))}",
     ]
     return "\n".join(lines)
+
+
+def _tree_state(env: dict) -> str:
+    if env.get("git_clean"):
+        return "clean tree (the commit is the code that ran)"
+    if env.get("git_clean") is None:
+        return "tree state unknown (not a git checkout)"
+    files = env.get("git_uncommitted") or []
+    return (f"UNCOMMITTED CHANGES in {len(files)} file(s): {', '.join(files[:10])}"
+            + (", ..." if len(files) > 10 else "") + " (these numbers are not those of the commit)")
 
 
 def finish(out: Path, env: dict, result: dict, tables: Sequence[tuple[str, Sequence[str], Sequence[Sequence[Any]]]],
@@ -190,6 +221,26 @@ def iqr(xs: Sequence[float]) -> tuple[float, float]:
         return (float(xs[0]), float(xs[0]))
     q = statistics.quantiles(xs, n=4, method="inclusive")
     return float(q[0]), float(q[2])
+
+
+def bootstrap_ci(rounds: Sequence[Any], statistic: Callable[[Sequence[Any]], float], level: float = 0.95,
+                 resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over ``rounds`` resampled with replacement.
+
+    A round is whatever one interleaved round measured (e.g. the pair ``(adapter_s, baseline_s)``): pairs are
+    resampled together, so the interval of a paired ratio keeps the pairing. Seeded, so a JSON file's
+    interval can be recomputed from its raw numbers. With fewer than 2 rounds the interval is the point."""
+    import random
+
+    n = len(rounds)
+    if n < 2:
+        v = statistic(rounds)
+        return v, v
+    rng = random.Random(seed)
+    vals = sorted(statistic([rounds[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples))
+    lo = vals[int((1.0 - level) / 2.0 * resamples)]
+    hi = vals[min(resamples - 1, int((1.0 + level) / 2.0 * resamples))]
+    return float(lo), float(hi)
 
 
 def interleaved(fns: dict[str, Callable[[], float]], reps: int) -> dict[str, list[float]]:

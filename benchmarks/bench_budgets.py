@@ -15,13 +15,22 @@ For each base LR of a small grid:
   no cooldown), so the run goes on to ``T_max``.
 - **separate (cosine)**: one run per budget ``T_i`` with warmup + cosine to 0 over ``T_i`` steps.
 
-Per budget, each approach's best LR is picked from the grid. Reported: cooled (1-sqrt and linear),
-cosine and main-branch val loss; best LRs; optimizer steps and wall time of both approaches (the
-forked approach as a user runs it: main branch to ``S_max`` plus the K 1-sqrt forks - the linear
-forks and the main-branch evaluations are measurement extras, timed and reported separately).
+Per budget, each approach's best LR is picked from the grid. The grid is extended by factors of 2 on
+the side where any family's best LR (cooled 1-sqrt, cooled linear, cosine, main branch) sits at the
+edge, until every best LR is strictly inside it (or ``--max-extensions`` per side are spent: then the
+result says which are not bracketed). Reported: cooled (1-sqrt and linear), cosine and main-branch val
+loss; best LRs; the grid's history; optimizer steps and wall time of both approaches (the forked
+approach as a user runs it: main branch to ``S_max`` plus the K 1-sqrt forks - the linear forks and the
+main-branch evaluations are measurement extras, timed and reported separately).
 
-    .venv/bin/python benchmarks/bench_budgets.py             # ~20 min on 2 CPU cores
-    .venv/bin/python benchmarks/bench_budgets.py --quick     # seconds; numbers meaningless
+Two settings (``--setting``): ``small`` (137k parameters, T <= 1000; results ``bench_budgets.*``), far
+from the papers' regime (constant LR beats cosine there), and ``regime`` (31k parameters, T <= 2000,
+131 tokens per parameter; results ``bench_budgets_regime.*``), where the constant-LR curve has
+flattened and constant LR ends clearly above cosine, as in the papers (see ``SETTINGS``).
+
+    .venv/bin/python benchmarks/bench_budgets.py                    # ~20 min on one core
+    .venv/bin/python benchmarks/bench_budgets.py --setting regime   # ~10-15 min on one core
+    .venv/bin/python benchmarks/bench_budgets.py --quick            # seconds; numbers meaningless
 """
 
 from __future__ import annotations
@@ -203,16 +212,82 @@ def run_forked(task: Task, lr: float, budgets: list[int], dirpath: Path) -> dict
             "forked_approach_steps": max(forks) + sum(T - S for T, S in zip(budgets, forks)), **clock}
 
 
+# Settings of the task.
+# "small": a 137k-parameter model for T <= 1000 steps (2M tokens): far from the papers' regime; the loss still
+#   falls steeply, and constant LR without any cooldown beats cosine-to-0 there.
+# "regime": a 31k-parameter model (d_model 32, 1 layer) for T <= 2000 steps (4.1M tokens, 131 per parameter,
+#   2.4 epochs), chosen with benchmarks/regime_probe.py (library-free, T = 2000, LRs 2e-3..3.2e-2): the
+#   constant-LR curve has flattened, constant LR ends 8.2% above cosine-to-0 (1.871 vs 1.729 nats/byte, best
+#   LR of each), WSD with a 20% 1-sqrt cooldown ends 0.8% below cosine (1.715), and cosine's best LR is >= 2x
+#   WSD's (3.2e-2 vs 1.6e-2): the three claims of the papers, qualitatively. About 10 min per run on one core.
+SETTINGS = {
+    "small": dict(budgets="250,500,750,1000", lrs="2e-3,4e-3,8e-3", warmup=25, d_model=64, n_layer=2, block=64,
+                  batch=32, max_bytes=None, val_seqs=0),
+    "regime": dict(budgets="500,1000,1500,2000", lrs="2e-3,4e-3,8e-3,1.6e-2,3.2e-2,6.4e-2", warmup=50, d_model=32,
+                   n_layer=1, block=64, batch=32, max_bytes=None, val_seqs=0),
+}
+QUICK = dict(budgets="10,20", lrs="2e-3,4e-3", warmup=2, d_model=16, n_layer=1, batch=4, val_seqs=16,
+             max_bytes=200_000)
+# The families whose best LR must lie strictly inside the grid (key in run_forked's result, or "cosine").
+FAMILIES = ("cooled_1-sqrt", "cooled_linear", "cosine", "main_val")
+
+
+def best_lr(values: dict[float, float]) -> tuple[float, float]:
+    lr = min(values, key=lambda k: values[k])
+    return lr, values[lr]
+
+
+def family_values(forked: dict, cos: dict, family: str, T: int, lrs: Sequence[float]) -> dict[float, float]:
+    if family == "cosine":
+        return {lr: cos[(lr, T)]["val_loss"] for lr in lrs}
+    return {lr: forked[lr][family][T] for lr in lrs}
+
+
+def edges(forked: dict, cos: dict, budgets: Sequence[int], lrs: Sequence[float]) -> list[dict]:
+    """Every (family, budget) whose best LR is the lowest or the highest of the grid (not bracketed)."""
+    out = []
+    for family in FAMILIES:
+        for T in budgets:
+            lr, _ = best_lr(family_values(forked, cos, family, T, lrs))
+            if lr in (lrs[0], lrs[-1]):
+                out.append({"family": family, "T": T, "lr": lr, "side": "low" if lr == lrs[0] else "high"})
+    return out
+
+
+def describe_grid(initial: Sequence[float], final: Sequence[float], extensions: list[dict], unbracketed: list[dict],
+                  max_extensions: int) -> str:
+    """One sentence on how the LR grid grew and whether every best LR ended up strictly inside it."""
+    def lrs(xs: Sequence[float]) -> str:
+        return ", ".join(f"{x:g}" for x in xs)
+
+    parts = [f"LR grid: started at {lrs(initial)}"]
+    for e in extensions:
+        why = sorted({f"{a['family']} T={a['T']} best at the {a['side']} edge" for a in e["because"]})
+        parts.append(f"added {lrs(e['added'])} ({', '.join(why)})")
+    text = "; ".join(parts) + f"; final grid {lrs(final)}. "
+    if not unbracketed:
+        return text + ("Every best LR (cooled 1-sqrt, cooled linear, cosine, main branch; every budget) lies strictly "
+                       "inside the grid.")
+    return text + (f"NOT BRACKETED after {max_extensions} extension(s) per side: "
+                   + ", ".join(f"{a['family']} T={a['T']} (best {a['lr']:g}, {a['side']} edge)" for a in unbracketed))
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = base_parser(__doc__)
-    ap.add_argument("--budgets", default="250,500,750,1000", help="total steps T of each cooled / cosine run")
-    ap.add_argument("--lrs", default="2e-3,4e-3,8e-3", help="base LR grid (the same for cosine and WSD)")
-    ap.add_argument("--warmup", type=int, default=25)
-    ap.add_argument("--d-model", type=int, default=64)
-    ap.add_argument("--n-layer", type=int, default=2)
-    ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--val-seqs", type=int, default=0, help="validation sequences (0: the whole split)")
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="small",
+                    help="task preset: 'small' (137k params, T <= 1000; results bench_budgets.*) or 'regime' "
+                         "(closer to the papers' regime; results bench_budgets_regime.*); options below override it")
+    ap.add_argument("--budgets", default=None, help="total steps T of each cooled / cosine run")
+    ap.add_argument("--lrs", default=None, help="initial base LR grid (the same for cosine and WSD); it is extended "
+                    "by factors of 2 on the side where a best LR sits at the edge")
+    ap.add_argument("--max-extensions", type=int, default=4, help="at most this many LR grid extensions per side "
+                    "(default 4); a best LR still at an edge after that is reported as not bracketed")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--d-model", type=int, default=None)
+    ap.add_argument("--n-layer", type=int, default=None)
+    ap.add_argument("--block", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--val-seqs", type=int, default=None, help="validation sequences (0: the whole split)")
     ap.add_argument("--max-bytes", type=int, default=None, help="truncate the text (default: all of it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNGs from a results JSON of this benchmark "
@@ -220,12 +295,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.replot:
         return replot(Path(args.replot))
+    preset = {**SETTINGS[args.setting], **(QUICK if args.quick else {})}
     if args.quick:
-        args.budgets, args.lrs, args.warmup = "10,20", "2e-3,4e-3", 2
-        args.d_model, args.n_layer, args.batch, args.val_seqs, args.max_bytes = 16, 1, 4, 16, 200_000
+        args.max_extensions = min(args.max_extensions, 1)
+    for key, value in preset.items():
+        if getattr(args, key) is None or args.quick:
+            setattr(args, key, value)
     budgets = sorted(int(x) for x in args.budgets.split(","))
     lrs = sorted(float(x) for x in args.lrs.split(","))
-    out, env = setup(args, NAME, argv)
+    initial_lrs = list(lrs)
+    name = NAME if args.setting == "small" else f"{NAME}_{args.setting}"
+    out, env = setup(args, name, argv, script=NAME)
     task = Task(args)
     n_params = sum(p.numel() for p in task.model_opt(1e-3)[0].parameters())
     tmp = Path(tempfile.mkdtemp(prefix="bench-budgets-"))
@@ -243,12 +323,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"[cosine lr={lr:g} T={T}] val {cos[(lr, T)]['val_loss']:.4f} ({cos[(lr, T)]['wall_s']:.0f}s)",
                   flush=True)
 
-    for i, lr in enumerate(lrs):  # alternate which approach goes first, so load drifts hit both alike
+    def run_lr(i: int, lr: float) -> None:  # alternate which approach goes first, so load drifts hit both alike
         for step in ((forked_run, cosine_runs) if i % 2 == 0 else (cosine_runs, forked_run)):
             step(lr)
+
+    for i, lr in enumerate(lrs):
+        run_lr(i, lr)
+    # extend the grid until every family's best LR at every budget is strictly inside it
+    extensions: list[dict] = []
+    used = {"low": 0, "high": 0}
+    while True:
+        at_edge = edges(forked, cos, budgets, lrs)
+        sides = {e["side"] for e in at_edge if used[e["side"]] < args.max_extensions}
+        if not sides:
+            break
+        added = sorted(({lrs[0] / 2} if "low" in sides else set()) | ({lrs[-1] * 2} if "high" in sides else set()))
+        for side in sides:
+            used[side] += 1
+        print(f"[grid] best LR at the edge for {len(at_edge)} (family, budget) pairs: adding {added}", flush=True)
+        for lr in added:
+            run_lr(len(forked), lr)
+        extensions.append({"added": added, "because": at_edge})
+        lrs = sorted(lrs + added)
+    unbracketed = edges(forked, cos, budgets, lrs)
+    grid_note = describe_grid(initial_lrs, lrs, extensions, unbracketed, args.max_extensions)
+    print(f"[grid] {grid_note}", flush=True)
     total_s = time.perf_counter() - t_all
     # check: the fork at the smallest budget equals a separate fixed-budget WSD run (same LR, same data)
-    lr_chk = lrs[len(lrs) // 2]
+    lr_chk = initial_lrs[len(initial_lrs) // 2]
     fixed = run_wsd_fixed(task, lr_chk, budgets[0])
     fork_v = forked[lr_chk]["cooled_1-sqrt"][budgets[0]]
     check = {"lr": lr_chk, "T": budgets[0], "fork_val_loss": fork_v, "fixed_run_val_loss": fixed["val_loss"],
@@ -256,16 +358,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"[check] fork {fork_v!r} vs fixed-budget WSD run {fixed['val_loss']!r}: "
           f"{'identical' if check['identical'] else 'DIFFERENT'}", flush=True)
 
-    def best(values: dict[float, float]) -> tuple[float, float]:
-        lr = min(values, key=lambda k: values[k])
-        return lr, values[lr]
+    def edge(lr: float) -> str:
+        return "" if lrs[0] < lr < lrs[-1] else ", grid edge"
 
     rows, per_budget = [], []
     for T in budgets:
-        c_lr, c_v = best({lr: forked[lr]["cooled_1-sqrt"][T] for lr in lrs})
-        l_lr, l_v = best({lr: forked[lr]["cooled_linear"][T] for lr in lrs})
-        k_lr, k_v = best({lr: cos[(lr, T)]["val_loss"] for lr in lrs})
-        m_lr, m_v = best({lr: forked[lr]["main_val"][T] for lr in lrs})
+        c_lr, c_v = best_lr(family_values(forked, cos, "cooled_1-sqrt", T, lrs))
+        l_lr, l_v = best_lr(family_values(forked, cos, "cooled_linear", T, lrs))
+        k_lr, k_v = best_lr(family_values(forked, cos, "cosine", T, lrs))
+        m_lr, m_v = best_lr(family_values(forked, cos, "main_val", T, lrs))
         m_same = forked[c_lr]["main_val"][T]
         d = {"T": T, "fork_step": int(round((1 - FRACTION) * T)), "cooldown_steps": T - int(round((1 - FRACTION) * T)),
              "cooled_1sqrt": c_v, "cooled_1sqrt_lr": c_lr, "cooled_linear": l_v, "cooled_linear_lr": l_lr,
@@ -274,8 +375,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
              "linear_vs_1sqrt_pct": (l_v / c_v - 1) * 100, "main_vs_cosine_pct": (m_v / k_v - 1) * 100,
              "cosine_lr_over_wsd_lr": k_lr / c_lr}
         per_budget.append(d)
-        rows.append([T, f"{d['fork_step']}+{d['cooldown_steps']}", f"{c_v:.4f} ({c_lr:g})", f"{l_v:.4f} ({l_lr:g})",
-                     f"{k_v:.4f} ({k_lr:g})", f"{m_v:.4f} ({m_lr:g})", f"{d['cooled_vs_cosine_pct']:+.2f}%",
+        d["bracketed"] = {f: not any(a["family"] == f and a["T"] == T for a in unbracketed) for f in FAMILIES}
+        rows.append([T, f"{d['fork_step']}+{d['cooldown_steps']}", f"{c_v:.4f} ({c_lr:g}{edge(c_lr)})",
+                     f"{l_v:.4f} ({l_lr:g}{edge(l_lr)})", f"{k_v:.4f} ({k_lr:g}{edge(k_lr)})",
+                     f"{m_v:.4f} ({m_lr:g}{edge(m_lr)})", f"{d['cooled_vs_cosine_pct']:+.2f}%",
                      f"{d['linear_vs_1sqrt_pct']:+.2f}%", f"{d['main_vs_cosine_pct']:+.2f}%",
                      f"{d['cosine_lr_over_wsd_lr']:g}"])
     grid_rows = []
@@ -311,11 +414,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       f"{tot_fc / tot_cc:.2f}"])
     plots = _plot(out, budgets, lrs, forked, cos, per_budget, args)
     result = {
-        "config": {"budgets": budgets, "lrs": lrs, "warmup": args.warmup, "cooldown_fraction": FRACTION,
+        "config": {"setting": args.setting, "budgets": budgets, "lrs": lrs, "initial_lrs": initial_lrs,
+                   "max_extensions": args.max_extensions, "warmup": args.warmup, "cooldown_fraction": FRACTION,
                    "d_model": args.d_model, "n_layer": args.n_layer, "block": args.block, "batch": args.batch,
                    "params": n_params, "train_seqs": len(task.train), "val_seqs": len(task.val),
                    "tokens_per_step": args.batch * args.block, "seed": args.seed},
         "per_budget": per_budget,
+        "lr_grid": {"initial": initial_lrs, "final": lrs, "extensions": extensions, "not_bracketed": unbracketed,
+                    "all_bracketed": not unbracketed, "note": grid_note},
         "grid": {"forked": {f"{lr:g}": {k: v for k, v in forked[lr].items() if k != "records"} for lr in lrs},
                  "cosine": {f"{lr:g}@{T}": v for (lr, T), v in cos.items()}},
         "records": {f"{lr:g}": forked[lr]["records"] for lr in lrs},
@@ -326,10 +432,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     headers = ["budget T", "fork S + cooldown c", "cooled 1-sqrt (best LR)", "cooled linear (best LR)",
                "cosine (best LR)", "main branch at T, no cooldown (best LR)", "cooled vs cosine",
                "linear vs 1-sqrt", "main vs cosine", "best cosine LR / best WSD LR"]
-    notes = [f"TinyGPT d_model={args.d_model}, {args.n_layer} layers ({n_params / 1e3:.0f}k parameters), block "
+    tokens = max(budgets) * args.batch * args.block
+    notes = [f"setting '{args.setting}': TinyGPT d_model={args.d_model}, {args.n_layer} layers ({n_params / 1e3:.0f}k "
+             f"parameters), block "
              f"{args.block}, batch {args.batch} ({args.batch * args.block} tokens/step); train {len(task.train)} "
              f"sequences, val {len(task.val)} sequences (stdlib sources, byte-level); warmup {args.warmup} steps; "
-             f"LR grid {', '.join(f'{x:g}' for x in lrs)} for both families; val loss in nats/byte.",
+             f"the same LR grid for every family; val loss in nats/byte; the largest budget is {tokens / 1e6:.1f}M "
+             f"tokens, {tokens / n_params:.0f} per parameter, {max(budgets) * args.batch / len(task.train):.1f} "
+             "epochs.",
+             grid_note,
              f"whole benchmark {total_s / 60:.1f} min; torch threads {torch.get_num_threads()}.",
              "forked wall = main branch to S_max + the 1-sqrt forks (measured wall of the run minus the linear "
              "forks and the main-branch evaluations, which are extras of this benchmark); both approaches include "

@@ -14,6 +14,12 @@ Both produce the same cooled model (their val losses are compared for equality).
 size: the wall time of both (sum over the K points), their ratio (target: manual >= 2x the fork for
 small models) and the breakdown (start-up, data, load, cooldown, eval, save, snapshot/restore).
 
+Then, at the last fork point, the cost of the fork itself: ``--overhead-rounds`` interleaved rounds of
+(a) a whole fork (snapshot, ``--overhead-steps`` cooldown steps, evaluation, save, restore) and (b) the
+same steps on the same batches, evaluation and save in a bare loop without the library, from the same
+state (put back, untimed, after each bare run). Reported: the median of the per-round CPU-time and
+wall-time ratios fork / bare, with 95% bootstrap intervals over the rounds.
+
     .venv/bin/python benchmarks/bench_fork_vs_manual.py            # two model sizes, ~5 min
     .venv/bin/python benchmarks/bench_fork_vs_manual.py --quick
 """
@@ -35,12 +41,13 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import EXAMPLES, ROOT, base_parser, finish, setup  # noqa: E402
+from _common import EXAMPLES, ROOT, base_parser, bootstrap_ci, finish, median, setup  # noqa: E402
 
 sys.path.insert(0, str(EXAMPLES))
 from charlm import TinyGPT, splits  # noqa: E402
 
 from cooldown_callbacks import WSD, Cooldown, ForkPlan  # noqa: E402
+from cooldown_callbacks.data import cooldown_batches  # noqa: E402
 from cooldown_callbacks.integrations.accelerate import CooldownHook  # noqa: E402
 from cooldown_callbacks.snapshot import Snapshot  # noqa: E402
 
@@ -177,6 +184,10 @@ def run_size(size: dict, args, tmp: Path) -> dict:
             if t >= forks[-1]:
                 break
     hook.close()
+    overhead = fork_overhead(hook, model, opt, loader, forks[-1], args.overhead_steps, args.overhead_rounds,
+                             eval_fn, save_fn, tmp)
+    print(f"[d={d_model} L={n_layer}] a fork of {args.overhead_steps} steps vs. the bare loop: CPU "
+          f"{_ci(overhead['cpu_ratio'])}, wall {_ci(overhead['wall_ratio'])}", flush=True)
     fsum = {k: sum(p["fork"][k] for p in points) for k in ("total_s", "cpu_s", "snapshot_s", "restore_s",
                                                             "cooldown_s", "eval_s", "save_s")}
     msum = {k: sum(p["manual"][k] for p in points)
@@ -188,7 +199,67 @@ def run_size(size: dict, args, tmp: Path) -> dict:
             "fork": fsum, "manual": msum, "manual_total_s": manual_total, "fork_total_s": fsum["total_s"],
             "ratio": manual_total / fsum["total_s"], "cpu_ratio": msum["cpu_s"] / fsum["cpu_s"],
             "all_same_val_loss": all(p["same_val_loss"] for p in points),
-            "main_train_s": main_s}
+            "main_train_s": main_s, "fork_overhead": overhead}
+
+
+def fork_overhead(hook: CooldownHook, model, opt, loader, step: int, c: int, rounds: int, eval_fn, save_fn,
+                  tmp: Path) -> dict:
+    """Per-round CPU and wall seconds of a whole fork vs. the same work in a bare loop, from one state."""
+    plan = hook.engine.plan
+    hook.engine.plan = ForkPlan(at=[step], cooldown=Cooldown(steps=c, shape=SHAPE), data=plan.data, seed=plan.seed)
+    hook.engine.dirpath = tmp / "overhead"
+    lr0 = opt.param_groups[0]["initial_lr"]
+    schedule = WSD(warmup_steps=WARMUP)
+
+    def fork() -> None:
+        hook._handles = [opt.register_step_pre_hook(hook._pre_step)]  # closed after the run: on for the fork only
+        try:
+            rec = hook.engine.fork(step, hook._Runner(hook), suffix=".pt")
+        finally:
+            hook.close()
+        assert rec.status == "ok", rec.error
+
+    def bare() -> None:
+        model.train()
+        it = cooldown_batches(plan.data, loader=loader, step=step, seed=plan.seed)  # the fork's batches
+        for k in range(c):
+            for g in opt.param_groups:
+                g["lr"] = lr0 * schedule(step) * (1.0 - (k / c) ** 0.5)
+            loss = _loss(model, next(it))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            eval_fn(model)
+        model.train()
+        save_fn(model, tmp / "overhead-bare.pt")
+
+    times: dict[str, list[tuple[float, float]]] = {"fork": [], "bare": []}
+    for r in range(rounds):
+        for name in (("fork", "bare") if r % 2 == 0 else ("bare", "fork")):
+            snap = Snapshot.take(modules=[model], optimizers=[opt])  # untimed: both start from this state
+            w0, c0 = time.perf_counter(), time.process_time()
+            (fork if name == "fork" else bare)()
+            times[name].append((time.process_time() - c0, time.perf_counter() - w0))
+            snap.restore()
+            snap.close()
+    hook.engine.plan = plan
+    pairs = list(zip(times["fork"], times["bare"]))
+
+    def ratio(i: int):
+        return lambda rs: median([f[i] / b[i] for f, b in rs])
+
+    return {"steps": c, "rounds": rounds, "fork_cpu_s": [t[0] for t in times["fork"]],
+            "bare_cpu_s": [t[0] for t in times["bare"]], "fork_wall_s": [t[1] for t in times["fork"]],
+            "bare_wall_s": [t[1] for t in times["bare"]],
+            "cpu_ratio": {"value": ratio(0)(pairs), "ci95": list(bootstrap_ci(pairs, ratio(0)))},
+            "wall_ratio": {"value": ratio(1)(pairs), "ci95": list(bootstrap_ci(pairs, ratio(1)))}}
+
+
+def _ci(s: dict) -> str:
+    return f"{s['value']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -200,9 +271,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--val-seqs", type=int, default=512)
     ap.add_argument("--max-bytes", type=int, default=None)
+    ap.add_argument("--overhead-steps", type=int, default=60, help="cooldown steps of the fork-vs-bare-loop rounds")
+    ap.add_argument("--overhead-rounds", type=int, default=8, help="interleaved fork-vs-bare-loop rounds per size")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.k, args.every, args.batch, args.val_seqs, args.max_bytes = "16x1", 1, 8, 4, 16, 200_000
+        args.overhead_steps, args.overhead_rounds = 3, 2
     out, env = setup(args, NAME, argv)
     sizes = []
     for s in args.sizes.split(","):
@@ -228,9 +302,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     f"{m['load_s']:.2f} (+ ckpt save {m['checkpoint_save_s']:.2f})", f"{m['cooldown_s']:.2f}",
                     f"{m['eval_s']:.2f}", f"{m['save_s']:.2f}", f"{m['process_exit_s']:.2f}",
                     f"{r['manual_total_s']:.2f}"])
+    over_rows = []
+    for r in results:
+        o = r["fork_overhead"]
+        over_rows.append([f"d={r['d_model']}, {r['n_layer']} layers ({r['params'] / 1e3:.0f}k params)", o["steps"],
+                          o["rounds"], f"{median(o['fork_cpu_s']):.2f}", f"{median(o['bare_cpu_s']):.2f}",
+                          _ci(o["cpu_ratio"]), f"{median(o['fork_wall_s']):.2f}", f"{median(o['bare_wall_s']):.2f}",
+                          _ci(o["wall_ratio"])])
     result = {"config": {"k": args.k, "every": args.every, "fraction": FRACTION, "shape": SHAPE, "warmup": WARMUP,
                          "lr": LR, "batch": args.batch, "block": args.block, "val_seqs": args.val_seqs,
-                         "sizes": sizes},
+                         "sizes": sizes, "overhead_steps": args.overhead_steps,
+                         "overhead_rounds": args.overhead_rounds},
               "sizes": results, "ratios": {f"{r['d_model']}x{r['n_layer']}": r["ratio"] for r in results},
               "cpu_ratios": {f"{r['d_model']}x{r['n_layer']}": r["cpu_ratio"] for r in results}}
     notes = [f"K={args.k} cooled evaluations at steps {', '.join(map(str, results[0]['forks']))}, cooldown 20% of "
@@ -244,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
              "CPU s: process CPU time (the fork's in this process; the checkpoint save plus the new process's, "
              "from getrusage) - less sensitive to the shared machine's load than wall time.",
              "both approaches train the same c steps on the same batches from the same state: 'same result' "
-             "compares the two cooled val losses for equality."]
+             "compares the two cooled val losses for equality.",
+             "fork vs. bare loop: at the last fork point, interleaved rounds of one whole fork (snapshot, cooldown, "
+             "eval, save, restore) and the same steps, eval and save without the library, each from the same state; "
+             "ratios are medians of the per-round ratios with 95% bootstrap intervals."]
     return finish(out, env, result, [
         ("Wall time of K cooled evaluations (seconds, summed over the K points)",
          ["model", "K", "cooldown steps", "fork s", "manual s", "manual / fork", ">= 2x", "fork CPU s",
@@ -252,7 +337,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ("Breakdown (seconds, summed over the K points)",
          ["model", "approach", "start-up (imports)", "data", "build model + optimizer",
           "load checkpoint / snapshot + restore", "cooldown", "eval", "save",
-          "exit", "total"], brk)], notes)
+          "exit", "total"], brk),
+        ("A whole fork vs. the same work in a bare loop (median seconds per round; ratio fork / bare)",
+         ["model", "cooldown steps", "rounds", "fork CPU s", "bare CPU s", "CPU ratio [95% CI]", "fork wall s",
+          "bare wall s", "wall ratio [95% CI]"], over_rows)], notes)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ The core is framework-agnostic (torch and numpy only). Adapters live in
 ``cooldown_callbacks.integrations`` (Lightning, HF Trainer, Accelerate / plain PyTorch).
 """
 
+from .budget import BudgetFit, fit_budget_curve
 from .engine import ForkEngine, ForkError
-from .plan import ForkPlan
+from .plan import ForkPlan, PlanCost
 from .records import ForkRecord, read_records
 from .schedules import (
     WSD,
@@ -35,6 +36,9 @@ __all__ = [
     "Schedule",
     "Tabulated",
     "ForkPlan",
+    "PlanCost",
+    "fit_budget_curve",
+    "BudgetFit",
     "ForkEngine",
     "ForkError",
     "ForkRecord",

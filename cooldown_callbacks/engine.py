@@ -5,8 +5,9 @@ An adapter translates its framework's events into three calls:
 - ``engine.main_multiplier(t)``: the LR multiplier of the main branch for update ``t + 1``
   (``None`` when the user's own scheduler drives it);
 - ``engine.should_fork(step, evaluating=...)`` after each optimizer step, then
-  ``engine.fork(step, runner)`` (branch mode) - snapshot, ``c`` cooldown steps, evaluate, save
-  atomically, record, restore;
+  ``engine.fork_point(step, runner)`` (branch mode) - snapshot, then for each of the plan's
+  cooldowns: ``c`` cooldown steps, evaluate, save atomically, record, restore - one record per
+  cooldown (``engine.fork`` returns the last one);
 - in continue mode (WSD-S) the decay steps are main-branch steps: ``engine.continue_due(step)``
   tells when a cooldown window has just ended, and ``engine.finish_continue(step, runner)``
   evaluates and saves the cooled model without any snapshot.
@@ -22,11 +23,11 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 from .plan import ForkPlan
-from .records import (RECORDS_NAME, ForkRecord, append_record, aside_path, fsync_path, read_records, remove_path,
-                      replace_path)
+from .records import RECORDS_NAME, ForkRecord, append_record, read_records, relative_checkpoint
+from .runner import ForkRunner, check_writable_dir, checkpoint_pattern, save_cooled
 from .schedules import Cooldown, Schedule, wsds_value
 from .signals import _Interrupted, _SignalGuard
 from .snapshot import capture_rng, restore_rng
@@ -34,53 +35,15 @@ from .snapshot import capture_rng, restore_rng
 __all__ = ["ForkEngine", "ForkRunner", "ForkError", "check_writable_dir"]
 
 
-class ForkError(RuntimeError):
-    """A fork failed (non-finite loss or metric, or an error inside the fork)."""
-
-
-class ForkRunner(Protocol):
-    """What an adapter provides to run one branch-mode fork.
-
-    Optional: ``nonfinite_grad_step() -> int | None``, the first fork step whose gradients were not
-    finite (checked before each cooldown update), so the fork fails with that reason and step; a
-    ``data_source`` attribute (set by ``begin``) saying where the cooldown batches come from, kept in
-    the record (see :class:`~cooldown_callbacks.records.ForkRecord`).
-    """
-
-    def snapshot(self) -> Any: ...  # noqa: D102 - an object with .restore() and .close()
-    def current_lrs(self) -> list[float]: ...  # noqa: D102 - LR of every param group, all optimizers
-    def base_lrs(self) -> list[float]: ...  # noqa: D102 - the base LR of every param group
-    def begin(self, step: int, cooldown_steps: int) -> None: ...  # noqa: D102
-    def train_step(self, lrs: Sequence[float]) -> float | None: ...  # noqa: D102 - one optimizer step
-    def evaluate(self) -> dict: ...  # noqa: D102 - metrics of the cooled model (reduced over ranks)
-    def save(self, path: Path) -> None: ...  # noqa: D102 - write the cooled model to `path` (all ranks call)
-    def end(self) -> None: ...  # noqa: D102 - undo what begin() set up
-    def any_rank(self, flag: bool) -> bool: ...  # noqa: D102 - True if flag is True on some rank
-    def barrier(self) -> None: ...  # noqa: D102
-
-
-def check_writable_dir(dirpath: str | os.PathLike, argument: str = "dirpath") -> Path:
-    """Create ``dirpath`` and prove it is writable, or raise ``ValueError`` naming ``argument``."""
-    d = Path(dirpath)
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / f".write-test-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"x")
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        raise ValueError(f"Invalid {argument} ({str(d)!r}): cannot write there ({e.strerror or e}); "
-                         f"choose a writable directory with free space.") from e
-    return d
-
-
 def _finite(x: Any) -> bool:
     try:
         return math.isfinite(float(x))
     except (TypeError, ValueError):
         return True
+
+
+class ForkError(RuntimeError):
+    """A fork failed (non-finite loss or metric, or an error inside the fork)."""
 
 
 class ForkEngine:
@@ -91,7 +54,11 @@ class ForkEngine:
         schedule: the main-branch schedule, or ``None`` when the user's scheduler drives the LR
             (forks then decay from the current LR of each param group).
         dirpath: where cooled checkpoints and ``forks.jsonl`` go.
-        filename: checkpoint name pattern with ``{step}`` and ``{cooldown}`` fields.
+        filename: checkpoint name pattern with the fields ``{step}``, ``{cooldown}`` (its length) and,
+            optionally, ``{shape}`` and ``{label}`` (see :func:`~cooldown_callbacks.plan.cooldown_labels`).
+            A plan with several cooldowns whose names the pattern would not tell apart gets
+            ``-{shape}`` (when the shapes differ) or else ``-{label}`` appended; one cooldown keeps
+            the pattern as it is.
         is_global_zero: whether this process writes files.
         eval_every: evaluation interval in steps, used to place continue-mode windows for
             ``on_eval`` plans (the cooldown then *ends* at each evaluation step).
@@ -106,9 +73,10 @@ class ForkEngine:
             raise ValueError(f"Invalid schedule ({schedule!r}): must be a Schedule such as WSD(...) or RSqrt(...), "
                              "or None to keep your own scheduler.")
         try:
-            filename.format(step=1, cooldown=1)
+            filename.format(step=1, cooldown=1, shape="linear", label="x")
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"Invalid filename ({filename!r}): may use only the fields {{step}} and {{cooldown}}.") from e
+            raise ValueError(f"Invalid filename ({filename!r}): may use only the fields {{step}}, {{cooldown}}, "
+                             f"{{shape}} and {{label}}.") from e
         self.plan = plan
         self.schedule = schedule
         self.dirpath = Path(dirpath)
@@ -121,7 +89,8 @@ class ForkEngine:
         self.grad_norms: list[float] = []
         self.run_id = uuid.uuid4().hex  # tags this run's records; kept across resumes (state_dict)
         self._resumed = False
-        self._on_disk: dict[int, dict] | None = None
+        self._on_disk: dict[tuple[int, str | None], dict] | None = None
+        self._active: tuple[Cooldown, str | None] | None = None  # the cooldown a fork is running now
 
     # -- LR ----------------------------------------------------------------------------------
     def main_multiplier(self, t: int) -> float | None:
@@ -132,28 +101,55 @@ class ForkEngine:
                 start, c = w
                 if self.schedule is None:
                     return None  # handled by continue_lrs (decay from the LR at the window start)
-                return wsds_value(self.schedule, self.plan.cooldown, start, c, self.plan.rewarm_steps, t)
+                return wsds_value(self.schedule, self.plan.cooldowns[0], start, c, self.plan.rewarm_steps, t)
         if self.schedule is None:
             return None
         return self.schedule(t)
 
-    def fork_lrs(self, step: int, k: int, c: int, base_lrs: Sequence[float], lrs_at_fork: Sequence[float]) -> list[float]:
+    def fork_lrs(self, step: int, k: int, c: int, base_lrs: Sequence[float], lrs_at_fork: Sequence[float],
+                 cooldown: Cooldown | None = None) -> list[float]:
         """Per-group LRs of the ``k``-th of ``c`` cooldown steps of a fork after ``step`` steps.
 
         With a schedule: ``base * schedule.cooled(at=step, ...)(step + k)``, the same float expression
         as a ``LambdaLR`` over the cooled schedule, so a fork equals a fixed-budget run bit for bit.
-        Without: ``lr_at_fork * cooldown.factor(k, c)``.
+        Without: ``lr_at_fork * cooldown.factor(k, c)``. ``cooldown``: default the one running now
+        (the plan's first outside a fork).
         """
-        cd = self.plan.cooldown
+        cd = cooldown if cooldown is not None else self.active_cooldown
         if self.schedule is not None:
             mult = self.schedule(step) * cd.factor(k, c)
             return [b * mult for b in base_lrs]
         f = cd.factor(k, c)
         return [lr * f for lr in lrs_at_fork]
 
+    @property
+    def active_cooldown(self) -> Cooldown:
+        """The cooldown a fork is running now (outside a fork: the plan's first)."""
+        return self._active[0] if self._active is not None else self.plan.cooldowns[0]
+
+    @property
+    def active_label(self) -> str | None:
+        """The label of the cooldown running now (``None`` for a plan with one cooldown, or outside a
+        fork): adapters put it into the cooled metrics' names."""
+        return self._active[1] if self._active is not None else None
+
     # -- triggers ----------------------------------------------------------------------------
     def cooldown_steps(self, step: int) -> int:
-        return self.plan.cooldown.length(step)
+        """Cooldown steps a fork after ``step`` adds (all of the plan's cooldowns)."""
+        return self.plan.fork_cost(step)
+
+    def spent(self) -> int:
+        """Cooldown steps of this run's branch forks so far (run, failed or taken back; not skipped)."""
+        return sum(int(r.get("cooldown_steps", 0)) for r in self.records
+                   if r.get("mode") == "branch" and r.get("status") in ("ok", "failed"))
+
+    def cost_line(self, max_steps: int | None, eval_every: int | None = None) -> str | None:
+        """One line saying what the plan adds up to ``max_steps`` (``None`` when the horizon or, for an
+        ``on_eval`` plan, the evaluation interval is unknown): adapters log it at the start of training."""
+        horizon, every = _whole(max_steps), _whole(eval_every if eval_every is not None else self.eval_every)
+        if horizon is None or (self.plan.on_eval and every is None):
+            return None
+        return str(self.plan.cost(horizon, eval_every=every if self.plan.on_eval else None))
 
     def should_fork(self, step: int, evaluating: bool = False) -> bool:
         """Branch mode: fork after ``step`` completed steps?"""
@@ -163,29 +159,7 @@ class ForkEngine:
 
     def window(self, t: int) -> tuple[int, int] | None:
         """Continue mode: ``(start, c)`` of the latest cooldown window that started at or before ``t``."""
-        plan = self.plan
-        if plan.on_eval:
-            if not self.eval_every:
-                return None
-            e_next = (t // self.eval_every + 1) * self.eval_every
-            c = _length_ending_at(plan.cooldown, e_next)
-            if e_next - c <= t:
-                return e_next - c, c
-            e_prev = (t // self.eval_every) * self.eval_every
-            if e_prev <= 0:
-                return None
-            c = _length_ending_at(plan.cooldown, e_prev)
-            return e_prev - c, c
-        if plan.every is not None:
-            s = (t // plan.every) * plan.every
-        else:
-            starts = plan.fork_steps(t)
-            if not starts:
-                return None
-            s = starts[-1]
-        if s <= 0:
-            return None
-        return s, plan.cooldown.length(s)
+        return self.plan.window(t, self.eval_every)
 
     def continue_due(self, step: int) -> int | None:
         """Continue mode: the start of a window whose cooldown ended exactly at ``step``, else None."""
@@ -200,8 +174,18 @@ class ForkEngine:
         return None
 
     # -- running -----------------------------------------------------------------------------
-    def checkpoint_path(self, step: int, c: int, suffix: str = "") -> Path:
-        return self.dirpath / (self.filename.format(step=step, cooldown=c) + suffix)
+    def _pattern(self) -> str:
+        """The checkpoint name pattern for the current plan (see :func:`~cooldown_callbacks.runner.checkpoint_pattern`)."""
+        return checkpoint_pattern(self.filename, self.plan.cooldowns)
+
+    def checkpoint_path(self, step: int, c: int, suffix: str = "", cooldown: Cooldown | None = None,
+                        label: str | None = None) -> Path:
+        """Where the cooled model of a fork after ``step`` with ``c`` cooldown steps goes."""
+        cd = cooldown if cooldown is not None else self.active_cooldown
+        if cooldown is None and label is None:
+            label = self.active_label
+        name = self._pattern().format(step=step, cooldown=c, shape=cd.shape_name, label=label or "")
+        return self.dirpath / (name + suffix)
 
     def other_runs(self) -> list[str]:
         """Ids of other runs whose records are in ``dirpath`` (rank zero reads the file)."""
@@ -226,40 +210,91 @@ class ForkEngine:
                 f"the folder away.")
 
     def fork(self, step: int, runner: ForkRunner, *, suffix: str = "", main_metrics: dict | None = None) -> ForkRecord:
-        """Run a branch-mode fork after ``step`` completed steps; the main branch is restored after.
+        """:meth:`fork_point`, returning the record of its last cooldown (the only one for a plan with one)."""
+        return self.fork_point(step, runner, suffix=suffix, main_metrics=main_metrics)[-1]
 
-        ``main_metrics``: the main branch's own metrics at ``step`` (kept in the record).
+    def fork_point(self, step: int, runner: ForkRunner, *, suffix: str = "",
+                   main_metrics: dict | None = None) -> list[ForkRecord]:
+        """Fork every cooldown of the plan after ``step`` completed steps; the main branch is restored after.
+
+        One snapshot; each cooldown runs from the restored main branch (the snapshot stays valid) and
+        gets its own record, in the plan's order. ``main_metrics``: the main branch's own metrics at
+        ``step`` (kept in each record).
+
+        Cost: with ``ForkPlan(max_overhead=r)`` the fork point runs only if :meth:`spent` plus its
+        cooldown steps stay ``<= r * step``; otherwise each cooldown is recorded ``"skipped"`` with the
+        reason, and nothing runs. The decision depends only on this run's records (kept in the
+        adapters' checkpoints), so a resumed run decides as the uninterrupted one did.
 
         Faults: an exception, a non-finite loss or gradient (``runner.nonfinite_grad_step()``, if the
-        runner has it) or a non-finite metric marks the fork ``failed`` with the reason; the main
-        branch is restored either way. SIGTERM/SIGINT/SIGUSR1/SIGUSR2 with a Python handler stop a
-        fork (single process) and reach their handler only after the restore, so a preemption
-        handler never checkpoints cooled weights. After a resume, a fork this run already finished
-        (recorded and saved before a crash) is not run again.
+        runner has it) or a non-finite metric marks that cooldown ``failed`` with the reason; the main
+        branch is restored either way and the next cooldown runs. SIGTERM/SIGINT/SIGUSR1/SIGUSR2 with
+        a Python handler stop the fork point (single process) and reach their handler only after the
+        restore, so a preemption handler never checkpoints cooled weights. After a resume, a cooldown
+        this run already finished (recorded before a crash, with its checkpoint) is taken back from
+        the records instead of running again.
         """
-        c = self.cooldown_steps(step)
-        done = self._finished_before_restart(step, c, runner)
-        if done is not None:
-            return done
-        rec = ForkRecord(step=step, cooldown_steps=c, shape=self.plan.cooldown.shape_name, mode="branch",
-                         time=time.time(), main_metrics=_floats(main_metrics))
-        t0 = time.perf_counter()
+        plan = self.plan
+        cds, labels = plan.cooldowns, plan.cooldown_labels
+        main = _floats(main_metrics)
+        spent = self.spent()  # before taking back this step's own records
+        taken = {lab: self._finished_before_restart(step, cd, lab, runner) for cd, lab in zip(cds, labels)}
+        out: list[ForkRecord] = []
+        if not plan.admits(step, spent):
+            reason = plan.skip_reason(step, spent)
+            for cd, lab in zip(cds, labels):
+                rec = taken[lab] or ForkRecord(step=step, cooldown_steps=cd.length(step), shape=cd.shape_name,
+                                               label=lab, mode="branch", status="skipped", reason=reason,
+                                               time=time.time(), main_metrics=dict(main))
+                if taken[lab] is None:
+                    self._finish(rec, done=False)
+                out.append(rec)
+            self.completed.add(step)
+            return out
         guard = _SignalGuard(enabled=self.world_size == 1)
+        snap, rng_at_fork = None, None
         try:
-            snap = runner.snapshot()
-            rng_at_fork = capture_rng()
-        except BaseException:
-            guard.release()
-            raise
+            for cd, lab in zip(cds, labels):
+                if taken[lab] is not None:
+                    out.append(taken[lab])
+                    continue
+                if snap is None:
+                    snap = runner.snapshot()
+                    rng_at_fork = capture_rng()
+                rec, error = self._run_one(step, cd, lab, runner, snap, guard, suffix, rng_at_fork, main)
+                out.append(rec)
+                if isinstance(error, _Interrupted):
+                    return out  # the signal goes to its handler; the fork point is not completed
+                if error is not None:
+                    self.completed.add(step)
+                self._raise_if_needed(error, rec, f"fork at step {step}" + (f" (cooldown {lab})" if lab else ""))
+        finally:
+            try:
+                if snap is not None:
+                    snap.close()
+            finally:
+                guard.release()  # held signals reach their handlers now, with the main branch restored
+        self.completed.add(step)
+        return out
+
+    def _run_one(self, step: int, cd: Cooldown, label: str | None, runner: ForkRunner, snap: Any,
+                 guard: _SignalGuard, suffix: str, rng_at_fork: dict, main: dict
+                 ) -> tuple[ForkRecord, BaseException | None]:
+        """One cooldown of a fork point, then the restore; the record is written before returning."""
+        c = cd.length(step)
+        rec = ForkRecord(step=step, cooldown_steps=c, shape=cd.shape_name, label=label, mode="branch",
+                         time=time.time(), main_metrics=dict(main))
+        t0 = time.perf_counter()
         error: BaseException | None = None
 
         def restore() -> None:
             try:
                 runner.end()
             finally:
+                self._active = None
                 snap.restore()
-                snap.close()
 
+        self._active = (cd, label)
         try:
             try:
                 guard.arm()
@@ -271,21 +306,12 @@ class ForkEngine:
             rec.status = "failed"
             rec.error = str(e) if isinstance(e, _Interrupted) else f"{type(e).__name__}: {e}"
         except BaseException:  # e.g. SystemExit: not a fork failure; restore and let it through
-            try:
-                restore()
-            finally:
-                guard.release()
-            raise
-        try:
             restore()
-            rec.seconds = time.perf_counter() - t0
-            self._finish(rec, done=not isinstance(error, _Interrupted))
-        finally:
-            guard.release()  # held signals reach their handlers now, with the main branch restored
-        if isinstance(error, _Interrupted):
-            return rec  # the signal went to its handler; the fork itself did not fail
-        self._raise_if_needed(error, rec, f"fork at step {step}")
-        return rec
+            raise
+        restore()
+        rec.seconds = time.perf_counter() - t0
+        self._finish(rec, done=False)
+        return rec, error
 
     def _run_fork(self, step: int, c: int, runner: ForkRunner, rec: ForkRecord, suffix: str, rng_at_fork: dict) -> None:
         """The fork's body: cooldown steps, checks, evaluation, atomic save (the caller restores)."""
@@ -326,12 +352,14 @@ class ForkEngine:
         self._save(runner, path)
         rec.checkpoint = str(path)
 
-    def _finished_before_restart(self, step: int, c: int, runner: ForkRunner) -> ForkRecord | None:
-        """After a resume: this run's fork at ``step`` if it already finished before a crash.
+    def _finished_before_restart(self, step: int, cd: Cooldown, label: str | None,
+                                 runner: ForkRunner) -> ForkRecord | None:
+        """After a resume: this run's record of the cooldown ``label`` at ``step`` if it was written before a crash.
 
-        A fork that completed after the checkpoint we resumed from (recorded ``ok`` by this run, its
-        checkpoint in place) is not run again: the main branch does not depend on it, and running it
-        again would record it twice. Rank zero reads the records; every rank follows its answer.
+        A cooldown that completed after the checkpoint we resumed from (recorded ``ok`` by this run,
+        its checkpoint in place) is not run again: the main branch does not depend on it, and running
+        it again would record it twice. A ``skipped`` record is taken back too (not written twice).
+        Rank zero reads the records; every rank follows its answer.
         """
         if not self._resumed:
             return None
@@ -341,23 +369,26 @@ class ForkEngine:
                 self._on_disk = {}
                 try:
                     for r in read_records(self.dirpath / RECORDS_NAME):
-                        if (r.get("run") == self.run_id and r.get("mode") == "branch" and r.get("status") == "ok"
-                                and r.get("checkpoint")):
-                            self._on_disk[int(r["step"])] = r
+                        if r.get("run") == self.run_id and r.get("mode") == "branch" and (
+                                r.get("status") == "skipped" or r.get("status") == "ok" and r.get("checkpoint")):
+                            self._on_disk[(int(r["step"]), r.get("label"))] = r
                 except OSError:
                     pass
-            r = self._on_disk.get(step)
-            if r is not None and (self.dirpath / Path(r["checkpoint"]).name).exists():
+            r = self._on_disk.get((step, label))
+            if r is not None and (r.get("status") == "skipped" or
+                                  (self.dirpath / Path(r["checkpoint"]).name).exists()):
                 found = r
         if not runner.any_rank(found is not None):
             return None
         obj = dict(found) if found is not None else ForkRecord(
-            step=step, cooldown_steps=c, shape=self.plan.cooldown.shape_name, run=self.run_id,
+            step=step, cooldown_steps=cd.length(step), shape=cd.shape_name, label=label, run=self.run_id,
             error="finished before the restart (see rank 0's records)").to_json()
+        if obj.get("checkpoint"):
+            obj["checkpoint"] = str(self.dirpath / Path(obj["checkpoint"]).name)
         obj["restored"] = True  # in memory only: adapters report it as taken back, and publish its metrics once
-        self.completed.add(step)
         self.records.append(obj)
-        self.grad_norms = []
+        if obj.get("status") != "skipped":
+            self.grad_norms = []
         return ForkRecord.from_json(obj)
 
     def _raise_if_needed(self, error: BaseException | None, rec: ForkRecord, what: str) -> None:
@@ -376,7 +407,7 @@ class ForkEngine:
                         main_metrics: dict | None = None) -> ForkRecord:
         """Continue mode: the cooldown that began at ``start`` ended at ``step``; evaluate and save."""
         c = step - start
-        rec = ForkRecord(step=start, cooldown_steps=c, shape=self.plan.cooldown.shape_name, mode="continue",
+        rec = ForkRecord(step=start, cooldown_steps=c, shape=self.plan.cooldowns[0].shape_name, mode="continue",
                          time=time.time(), main_metrics=_floats(main_metrics))
         t0 = time.perf_counter()
         error = None
@@ -392,37 +423,10 @@ class ForkEngine:
         return rec
 
     def _save(self, runner: ForkRunner, path: Path) -> None:
-        """All ranks write to a temporary name; rank zero renames it into place.
-
-        A failed write leaves nothing behind (the temporary is removed: a full disk stays usable);
-        a finished checkpoint already under ``path`` is replaced atomically, never deleted first
-        (a folder is moved aside in one rename, then removed: a kill never leaves half of it).
-        """
-        tmp = path.parent / f".{path.name}.tmp"
-        if self.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_path(tmp)
-            remove_path(aside_path(path))  # left by a kill between moving a finished folder aside and replacing it
-        runner.barrier()
-        try:
-            runner.save(tmp)
-            runner.barrier()
-            if self.is_global_zero:
-                if not tmp.exists():
-                    raise ForkError(f"the cooled checkpoint was not written to {tmp}")
-                fsync_path(tmp)
-                replace_path(tmp, path)
-                fsync_path(path.parent, files=False)
-        except BaseException:
-            if self.is_global_zero:
-                try:
-                    remove_path(tmp)
-                except OSError:
-                    pass
-            raise
-        runner.barrier()
+        save_cooled(runner, path, self.is_global_zero)
 
     def _finish(self, rec: ForkRecord, done: bool = True) -> None:
+        """Keep ``rec`` (in memory with the checkpoint's path, in the file relative to the file)."""
         if self.grad_norms:
             rec.grad_norms = self.grad_norms
             self.grad_norms = []
@@ -432,8 +436,11 @@ class ForkEngine:
         obj = rec.to_json()
         self.records.append(obj)
         if self.is_global_zero:
+            line = dict(obj)
+            if line.get("checkpoint"):  # cooled checkpoints sit beside forks.jsonl: a name resolves from there
+                line["checkpoint"] = relative_checkpoint(self.dirpath, line["checkpoint"])
             try:
-                append_record(self.dirpath / RECORDS_NAME, obj)
+                append_record(self.dirpath / RECORDS_NAME, line)
             except OSError as e:  # the run goes on; the record stays in the engine's state
                 obj["error"] = (obj.get("error") or "") + f" (records file not written: {e})"
 
@@ -443,22 +450,21 @@ class ForkEngine:
             self.grad_norms.append(float(norm))
 
     def note_main_metrics(self, step: int, metrics: dict) -> None:
-        """Attach the main branch's metrics at ``step`` to that step's record, for adapters whose main
-        evaluation runs after the fork. The records file gets an addendum line that
-        :func:`~cooldown_callbacks.records.read_records` merges into the fork's record."""
+        """Attach the main branch's metrics at ``step`` to that step's records (every cooldown of the
+        fork point), for adapters whose main evaluation runs after the fork. The records file gets an
+        addendum line that :func:`~cooldown_callbacks.records.read_records` merges into them."""
         vals = _floats(metrics)
-        if not vals:
+        mine = [r for r in self.records if r["step"] == step]
+        if not vals or not mine:
             return
-        for r in reversed(self.records):
-            if r["step"] == step:
-                r["main_metrics"].update(vals)
-                if self.is_global_zero:
-                    try:
-                        append_record(self.dirpath / RECORDS_NAME, {"type": "main_metrics", "step": step,
-                                                                    "main_metrics": vals})
-                    except OSError:
-                        pass
-                break
+        for r in mine:
+            r.setdefault("main_metrics", {}).update(vals)
+        if self.is_global_zero:
+            try:
+                append_record(self.dirpath / RECORDS_NAME, {"type": "main_metrics", "step": step, "run": self.run_id,
+                                                            "main_metrics": vals})
+            except OSError:
+                pass
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -475,6 +481,15 @@ class ForkEngine:
             self.run_id = str(state["run"])
             self._resumed = True
             self._on_disk = None
+
+
+def _whole(x: Any) -> int | None:
+    """A positive whole number of steps (``20.0`` counts), else ``None``."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if math.isfinite(v) and v >= 1 and v.is_integer() and not isinstance(x, bool) else None
 
 
 def _floats(metrics: dict | None) -> dict:
@@ -494,9 +509,3 @@ def _nonfinite_message(loss_step: int | None, grad_step: int | None) -> str:
         return f"non-finite training loss in the cooldown (first at step {loss_step} on this rank)"
     return "non-finite training loss or gradient in the cooldown on another rank"
 
-
-def _length_ending_at(cd: Cooldown, end: int) -> int:
-    """Cooldown length for a continue-mode window that must end at step ``end``."""
-    if cd.steps is not None:
-        return min(cd.steps, end)
-    return max(1, min(end, int(round(cd.fraction * end))))

@@ -1,17 +1,31 @@
 """Fork records and crash-safe file writes.
 
-Every fork appends one JSON object per line to ``<dirpath>/forks.jsonl``:
+Every fork appends one JSON object per line (one per cooldown) to ``<dirpath>/forks.jsonl``:
 
-``{"step": 1000, "cooldown_steps": 250, "shape": "1-sqrt", "mode": "branch", "status": "ok",
+``{"step": 1000, "cooldown_steps": 250, "shape": "1-sqrt", "label": null, "mode": "branch", "status": "ok",
 "metrics": {"val_loss": 1.52}, "main_metrics": {"val_loss": 1.71}, "checkpoint": "cooled-...",
-"seconds": 12.3, "lr": 0.001, "error": null, "grad_norms": null, "time": 1732300000.0, "run": "9f1c...",
-"data": "peek", "restored": false}``
+"seconds": 12.3, "lr": 0.001, "error": null, "reason": null, "grad_norms": null, "time": 1732300000.0,
+"run": "9f1c...", "data": "peek", "restored": false}``
 
-``status`` is ``"ok"`` or ``"failed"`` (then ``error`` says why). ``main_metrics`` holds the main
+**The budget axis.** A cooled model of a fork after ``step`` = S completed main-branch steps with
+``cooldown_steps`` = c has trained for **T = S + c** optimizer steps: that is its budget, the step
+of a fixed-budget run it equals, and the one convention for a budget: the command line's ``report``
+(column ``total``, plots) and :func:`~cooldown_callbacks.budget.fit_budget_curve` use T = S + c.
+``step`` itself is where the main branch was when it forked; a logger that shows cooled metrics
+beside the main branch's (e.g. at the step of the main validation they were forked at) is on the
+main branch's axis S, not on the budget axis.
+
+``status`` is ``"ok"``, ``"failed"`` (then ``error`` says why) or ``"skipped"`` (``ForkPlan(max_overhead=...)``
+did not let the fork run; ``reason`` says why; no checkpoint). ``label`` tells the cooldowns of one
+fork point apart when the plan has several (:func:`~cooldown_callbacks.plan.cooldown_labels`;
+``null`` for one); ``metrics`` keep the names a single cooldown's would have (the adapters' logged
+names carry the label). ``checkpoint`` is written relative to the records file (the name of the
+cooled checkpoint beside it); :func:`read_records` resolves it, and also reads older files whose
+paths were absolute or relative to the training's working directory. ``main_metrics`` holds the main
 branch's metrics at the fork step when the adapter has them (e.g. the evaluation at that step).
 Main-branch metrics that become known only after the fork (the adapter's own evaluation at that step)
-are appended as ``{"type": "main_metrics", "step": ..., "main_metrics": {...}}`` lines, which
-:func:`read_records` merges into the record. ``grad_norms`` holds the main branch's per-step gradient norms since the previous fork when
+are appended as ``{"type": "main_metrics", "step": ..., "run": ..., "main_metrics": {...}}`` lines,
+which :func:`read_records` merges into that step's records (every cooldown of the fork point). ``grad_norms`` holds the main branch's per-step gradient norms since the previous fork when
 ``ForkPlan(record_grad_norms=True)``. ``run`` identifies the training run (kept across resumes):
 a resumed run recognises the forks it finished before a crash and does not run them again.
 ``data`` says where the cooldown batches came from (``"peek"``: the main branch's upcoming batches;
@@ -34,9 +48,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-__all__ = ["ForkRecord", "append_record", "read_records", "atomic_path", "atomic_write_bytes", "RECORDS_NAME"]
+__all__ = ["ForkRecord", "append_record", "read_records", "resolve_checkpoint", "relative_checkpoint", "atomic_path",
+           "atomic_write_bytes", "RECORDS_NAME", "STATUSES"]
 
 RECORDS_NAME = "forks.jsonl"
+STATUSES = ("ok", "failed", "skipped")
 
 
 def _jsonable(x: Any) -> Any:
@@ -63,6 +79,7 @@ class ForkRecord:
     step: int
     cooldown_steps: int
     shape: str
+    label: str | None = None
     mode: str = "branch"
     status: str = "ok"
     metrics: dict = field(default_factory=dict)
@@ -71,6 +88,7 @@ class ForkRecord:
     seconds: float = 0.0
     lr: float | None = None
     error: str | None = None
+    reason: str | None = None
     grad_norms: list | None = None
     time: float = 0.0
     run: str | None = None
@@ -80,10 +98,45 @@ class ForkRecord:
     def to_json(self) -> dict:
         return _jsonable(asdict(self))
 
+    @property
+    def budget(self) -> int:
+        """T = S + c: the optimizer steps the cooled model trained for."""
+        return int(self.step) + int(self.cooldown_steps)
+
     @classmethod
     def from_json(cls, d: dict) -> "ForkRecord":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def relative_checkpoint(records_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> str:
+    """``checkpoint`` relative to the folder of the records file (its name when it sits there)."""
+    ck, base = Path(checkpoint), Path(records_dir)
+    try:
+        return os.path.relpath(ck.absolute(), base.absolute())
+    except ValueError:  # another drive (Windows)
+        return str(ck)
+
+
+def resolve_checkpoint(records_file: str | os.PathLike, checkpoint: str | None) -> str | None:
+    """The path of a record's ``checkpoint``, read from ``records_file``.
+
+    Written relative to the records file's folder; older records held absolute paths or paths
+    relative to where training ran, which are kept when they exist. When nothing exists, the
+    path relative to the records file is returned (what the record says).
+    """
+    if not checkpoint:
+        return checkpoint
+    p, base = Path(checkpoint), Path(records_file).parent
+    if p.is_absolute():
+        return str(p)
+    beside = base / p
+    if beside.exists():
+        return str(beside)
+    if p.exists():  # an older record: relative to the working directory of the training
+        return str(p)
+    named = base / p.name  # an older record, read from elsewhere: the checkpoint sits beside the file
+    return str(named) if named.exists() else str(beside)
 
 
 def append_record(path: str | os.PathLike, record: ForkRecord | dict) -> None:
@@ -115,7 +168,9 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     """All complete fork records in a JSON-lines file (or a directory holding ``forks.jsonl``).
 
     A torn or corrupt line is skipped. Addendum lines ``{"type": "main_metrics", "step": s, ...}``
-    (main-branch metrics that became known after the fork) are merged into the latest record of step ``s``.
+    (main-branch metrics that became known after the fork) are merged into the records of step ``s``
+    (of the addendum's run, when it names one; else the latest record of that step). ``checkpoint``
+    paths are resolved with :func:`resolve_checkpoint` (usable from the current directory).
     """
     path = Path(path)
     if path.is_dir():
@@ -132,13 +187,23 @@ def read_records(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
             if isinstance(obj, dict) and obj.get("type") == "main_metrics":
-                for r in reversed(out):
-                    if r.get("step") == obj.get("step"):
-                        r.setdefault("main_metrics", {}).update(obj.get("main_metrics", {}))
-                        break
+                _merge_main_metrics(out, obj)
                 continue
+            if isinstance(obj, dict) and obj.get("checkpoint"):
+                obj["checkpoint"] = resolve_checkpoint(path, obj["checkpoint"])
             out.append(obj)
     return out
+
+
+def _merge_main_metrics(records: list[dict], add: dict) -> None:
+    vals, step, run = add.get("main_metrics", {}), add.get("step"), add.get("run")
+    if run is None:  # an older addendum: the latest record of that step
+        targets = [next((r for r in reversed(records) if r.get("step") == step), None)]
+    else:
+        targets = [r for r in records if r.get("step") == step and r.get("run") == run]
+    for r in targets:
+        if r is not None:
+            r.setdefault("main_metrics", {}).update(vals)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ cooled model under its final name without its record (e.g. killed at ``after_ren
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,9 @@ def main(out: str) -> None:
         p = Path(path)
         if p.parent == cooled and (p / "model.safetensors").exists():  # a finished cooled model is being removed
             (p / "model.safetensors").unlink()
+            # the marker (see _kill_harness.marker_path) proves where the process died
+            Path(out).parent.joinpath(f"{Path(out).name}-kill.json").write_text(
+                json.dumps({"phase": "rmtree", "path": str(p)}))
             os.kill(os.getpid(), signal.SIGKILL)
         return rmtree(path, *args, **kwargs)
 

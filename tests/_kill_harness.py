@@ -4,9 +4,12 @@ One trial = (adapter script, phase, seed):
 
 1. the uninterrupted reference run of the script (once per adapter; it also counts how often each
    kill phase occurs, see ``_kill_points.PHASES``);
-2. a run killed with SIGKILL at event ``n`` of ``phase``, ``n = Random(seed).randrange(count)``;
-   right after the kill, every file under a final name must already be complete (it loads and
-   equals the reference's, bit for bit) and ``forks.jsonl`` must hold only complete records;
+2. a run killed with SIGKILL at event ``n`` of ``phase`` (:func:`kill_point`: the seeds of one
+   script and phase take distinct events, a seeded permutation of the ``count`` events); the child
+   writes a marker just before the kill and :func:`check_marker` proves from it and from the files
+   that the run died at that event of that phase (not earlier, not elsewhere); right after the
+   kill, every file under a final name must already be complete (it loads and equals the
+   reference's, bit for bit) and ``forks.jsonl`` must hold only complete records;
 3. the same script started again in the same folder: it resumes from its latest complete main
    checkpoint. At the end the main branch (``final.pt``) equals the reference's with ``torch.equal``,
    the cooled checkpoints are the same set with the same tensors, ``forks.jsonl`` has exactly the
@@ -80,11 +83,16 @@ def _context() -> mp.context.BaseContext:
     return _ctx
 
 
+def marker_path(out: Path) -> Path:
+    """Where a killed run's child writes what it was doing when it died (next to ``out``)."""
+    return Path(out).parent / f"{Path(out).name}-kill.json"
+
+
 def _child(script: str, out: str, kill: str | None, counts_path: str | None) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     try:
-        _kill_points.install(kill)
+        _kill_points.install(kill, marker=marker_path(Path(out)) if kill else None)
         importlib.import_module(script).main(out)
         if counts_path:
             _kill_points.dump_counts(counts_path)
@@ -96,7 +104,9 @@ def _child(script: str, out: str, kill: str | None, counts_path: str | None) -> 
 
 def run(script: str, out: Path, kill: str | None = None, counts_path: Path | None = None,
         timeout: float = 120) -> int:
-    """Run ``script.main(out)`` in a fresh child process; returns its exit code (-9 when killed)."""
+    """Run ``script.main(out)`` in a fresh child process; returns its exit code (-9 when killed).
+    With ``kill`` the child writes :func:`marker_path` just before it kills itself."""
+    marker_path(out).unlink(missing_ok=True)
     proc = _context().Process(target=_child, args=(script, str(out), kill, str(counts_path) if counts_path else None))
     proc.start()
     proc.join(timeout)
@@ -195,14 +205,61 @@ def check_files(ref: Reference, out: Path, when: str) -> None:
             f"{when}: record without its checkpoint: {r}"
 
 
+def kill_point(script: str, phase: str, seed: int, count: int) -> int:
+    """The event of ``phase`` (0-based, of ``count``) at which trial ``seed`` (0, 1, ...) kills.
+
+    The events are shuffled once per script and phase and seed ``i`` takes the ``i``-th, so the
+    trials of one script never repeat a kill point; there must be at least ``seed + 1`` events."""
+    assert 0 <= seed < count, (f"{script}: phase {phase} occurs {count} time(s), too few for a distinct kill point "
+                               f"per seed (seed {seed}): use fewer seeds or make the script reach it more often")
+    order = list(range(count))
+    random.Random(f"{script}-{phase}").shuffle(order)
+    return order[seed]
+
+
+def check_marker(out: Path, phase: str, n: int, cooled_dir: Path) -> dict:
+    """Prove that the killed run died at event ``n`` of ``phase``: the child's marker names them,
+    says whether a fork was running, and what the phase left on disk is there."""
+    m = marker_path(out)
+    assert m.exists(), f"{phase}:{n}: the run was killed without writing its marker (not by the chosen kill point)"
+    got = json.loads(m.read_text())
+    where = f"{phase}:{n} (marker {got})"
+    assert (got["phase"], got["n"]) == (phase, n), f"died at {got['phase']}:{got['n']}, not {where}"
+    assert got["in_fork"] == (phase in _kill_points.FORK_PHASES), f"{where}: inside a fork? {got['in_fork']}"
+    if phase in ("save_partial", "main_ckpt_partial"):  # the half-written temporary is there, cut short
+        assert Path(got["tmp"]).exists(), where
+        assert phase != "save_partial" or Path(got["tmp"]).parent == cooled_dir, where  # the cooled model's temporary
+        assert got["cut"] and Path(got["cut"]).stat().st_size == got["size_after"] < got["size_before"], where
+    elif phase == "main_ckpt_before_rename":
+        assert Path(got["tmp"]).exists(), where
+    elif phase == "before_rename":  # complete under its temporary name, nothing under the final one yet
+        assert Path(got["src"]).exists() and not Path(got["dst"]).exists(), where
+    elif phase == "after_rename":
+        assert Path(got["dst"]).exists() and not Path(got["src"]).exists(), where
+    elif phase in ("record_torn", "after_record"):  # the fork's record: torn, or complete as the last line
+        raw = Path(got["records"]).read_bytes()
+        assert Path(got["records"]).parent == cooled_dir and len(raw) == got["size_after"], where
+        if phase == "record_torn":
+            assert got["size_before"] > got["size_after"] and not raw.endswith(b"\n"), where
+        else:
+            assert raw.endswith(b"\n") and json.loads(raw.splitlines()[-1])["step"] == got["step"], where
+    elif phase == "snapshot":
+        assert got["snapshot_bytes"] > 0, where
+    elif phase == "forward":
+        assert got["module"], where
+    return got
+
+
 def trial(ref: Reference, out: Path, phase: str, seed: int) -> dict:
-    """Kill at a seeded point of ``phase``, check, resume, compare. Returns what happened."""
+    """Kill at the ``seed``-th kill point of ``phase``, prove where it died, check, resume, compare.
+    Returns what happened."""
     count = ref.counts.get(phase, 0)
     assert count > 0, f"phase {phase} never occurs in {ref.script} (counts: {ref.counts})"
-    n = random.Random(f"{ref.script}-{phase}-{seed}").randrange(count)
+    n = kill_point(ref.script, phase, seed, count)
     kill = f"{phase}:{n}"
     code = run(ref.script, out, kill=kill)
     assert code == -signal.SIGKILL, f"{kill}: expected a SIGKILL, got exit code {code}:\n{_error(out)}"
+    marker = check_marker(out, phase, n, out / ref.mod.COOLED)
     check_files(ref, out, f"after kill at {kill}")
     killed_with = sorted(p.name for p in final_checkpoints(out / ref.mod.COOLED))
     code = run(ref.script, out)
@@ -220,4 +277,4 @@ def trial(ref: Reference, out: Path, phase: str, seed: int) -> dict:
         f"resume after {kill}: forks.jsonl has a torn line"
     leftovers = [str(p.relative_to(out)) for p in out.rglob("*.tmp")]
     assert not leftovers, f"resume after {kill}: temporaries left: {leftovers}"
-    return {"kill": kill, "cooled_at_kill": killed_with}
+    return {"kill": kill, "cooled_at_kill": killed_with, "marker": marker}

@@ -4,7 +4,7 @@ What is simulated is the kill itself: :func:`install` wraps a few library seams 
 ``fork``, the runner it is given, ``os.replace``, the records writer, torch's global forward and
 optimizer-step hooks) so that the ``n``-th event of one *phase* sends ``SIGKILL`` to the process.
 Nothing else changes: the training, the fork, the saves and renames all run the real code. The
-wrappers are framework-free (every adapter goes through ``ForkEngine.fork`` with a runner), so the
+wrappers are framework-free (every adapter goes through ``ForkEngine.fork_point`` with a runner), so the
 same phases apply to the Accelerate hook, the Lightning callback and the HF callback.
 
 Phases (``PHASES``), in the order they happen:
@@ -21,6 +21,11 @@ Phases (``PHASES``), in the order they happen:
 
 A partial write is produced by writing the real bytes and cutting the file back before the kill:
 on disk this is exactly what a kill in the middle of the write leaves behind.
+
+Proof of the phase: just before the kill the child writes a marker file (``install(marker=...)``):
+the phase, the event number, whether a fork was running and what the phase left on disk (the
+half-written file, the rename's source and target, the records file's size). The harness checks it
+against the kill it asked for and against the files it finds (``_kill_harness.check_marker``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ PHASES = FORK_PHASES + ("main_step", "main_ckpt_partial", "main_ckpt_before_rena
 _counts: Counter = Counter()
 _kill: tuple[str, int] | None = None
 _in_fork = False
+_marker: Path | None = None
 
 
 def _hit(phase: str) -> bool:
@@ -49,23 +55,34 @@ def _hit(phase: str) -> bool:
     return _kill is not None and _kill == (phase, n)
 
 
-def _die() -> None:
+def _die(**evidence) -> None:
+    """SIGKILL this process, after writing the marker that names the kill point and its evidence."""
+    if _marker is not None:
+        phase, n = _kill
+        data = json.dumps({"phase": phase, "n": n, "in_fork": _in_fork, "pid": os.getpid(),
+                           **{k: str(v) if isinstance(v, Path) else v for k, v in evidence.items()}})
+        with open(_marker, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _truncate_half(path: Path, keep_from: int = 0) -> None:
-    """Cut ``path`` (the largest file if it is a folder) to ``keep_from`` plus half of the rest."""
+def _truncate_half(path: Path, keep_from: int = 0) -> dict:
+    """Cut ``path`` (the largest file if it is a folder) to ``keep_from`` plus half of the rest.
+    Returns the evidence: the file cut, its size before and after."""
     path = Path(path)
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file()]
         if not files:
-            return
+            return {"cut": None}
         path = max(files, key=lambda p: p.stat().st_size)
     size = path.stat().st_size
     with open(path, "rb+") as f:
         f.truncate(keep_from + (size - keep_from) // 2)
         f.flush()
         os.fsync(f.fileno())
+    return {"cut": str(path), "size_before": size, "size_after": path.stat().st_size}
 
 
 class _Runner:
@@ -80,7 +97,7 @@ class _Runner:
     def snapshot(self):
         snap = self._r.snapshot()
         if _hit("snapshot"):
-            _die()
+            _die(snapshot_bytes=snap.nbytes)
         return snap
 
     def evaluate(self):
@@ -91,13 +108,14 @@ class _Runner:
     def save(self, path):
         self._r.save(path)
         if _hit("save_partial") and Path(path).exists():
-            _truncate_half(Path(path))
-            _die()
+            _die(tmp=path, **_truncate_half(Path(path)))
 
 
-def install(kill: str | None = None) -> None:
-    """Install the kill points; ``kill="phase:n"`` kills at the ``n``-th (0-based) event of ``phase``."""
-    global _kill
+def install(kill: str | None = None, marker: str | os.PathLike | None = None) -> None:
+    """Install the kill points; ``kill="phase:n"`` kills at the ``n``-th (0-based) event of ``phase``,
+    after writing the marker file ``marker`` (if given)."""
+    global _kill, _marker
+    _marker = Path(marker) if marker is not None else None
     import torch
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -109,9 +127,9 @@ def install(kill: str | None = None) -> None:
             raise ValueError(f"unknown kill phase {phase!r}; choose one of {PHASES}")
         _kill = (phase, int(n))
 
-    orig_fork = eng.ForkEngine.fork
+    orig_fork = eng.ForkEngine.fork_point  # every fork goes through it (ForkEngine.fork too)
 
-    def fork(self, step, runner, **kwargs):
+    def fork_point(self, step, runner, **kwargs):
         global _in_fork
         _in_fork = True
         try:
@@ -119,7 +137,7 @@ def install(kill: str | None = None) -> None:
         finally:
             _in_fork = False
 
-    eng.ForkEngine.fork = fork
+    eng.ForkEngine.fork_point = fork_point
 
     orig_append = eng.append_record
 
@@ -130,10 +148,9 @@ def install(kill: str | None = None) -> None:
         before = path.stat().st_size if path.exists() else 0
         orig_append(path, record)
         if _hit("record_torn"):
-            _truncate_half(path, keep_from=before)
-            _die()
+            _die(records=path, step=record.get("step"), **_truncate_half(path, keep_from=before))
         if _hit("after_record"):
-            _die()
+            _die(records=path, step=record.get("step"), size_after=path.stat().st_size)
 
     eng.append_record = append_record
 
@@ -143,16 +160,16 @@ def install(kill: str | None = None) -> None:
         if not (_in_fork and str(src).endswith(".tmp")):
             return orig_replace(src, dst, *args, **kwargs)
         if _hit("before_rename"):
-            _die()
+            _die(src=src, dst=dst)
         orig_replace(src, dst, *args, **kwargs)
         if _hit("after_rename"):
-            _die()
+            _die(src=src, dst=dst)
 
     os.replace = replace
 
     def on_forward(module, args):
         if _in_fork and _hit("forward"):
-            _die()
+            _die(module=type(module).__name__)
 
     torch.nn.modules.module.register_module_forward_pre_hook(on_forward)
 
@@ -166,10 +183,9 @@ def install(kill: str | None = None) -> None:
 def main_checkpoint_written(tmp_dir: str | os.PathLike) -> None:
     """Called by a training script after writing a main checkpoint to ``tmp_dir``, before renaming it."""
     if _hit("main_ckpt_partial"):
-        _truncate_half(Path(tmp_dir))
-        _die()
+        _die(tmp=tmp_dir, **_truncate_half(Path(tmp_dir)))
     if _hit("main_ckpt_before_rename"):
-        _die()
+        _die(tmp=tmp_dir)
 
 
 def counts() -> dict:

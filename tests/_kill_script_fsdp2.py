@@ -92,9 +92,9 @@ def main(out: str, kill: str | None) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.set_num_threads(1)
-    if rank == 0:
-        _kill_points.install(kill)
     out = Path(out)
+    if rank == 0:  # the marker (_kill_harness.marker_path) says where rank 0 died
+        _kill_points.install(kill, marker=out.parent / f"{out.name}-kill.json" if kill else None)
     ckdir = out / "ckpt"
     if rank == 0:
         ckdir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DataLoaderConfiguration
 
+import _reference_schedules as reference
 from _loops import (assert_equal_states, eval_fn, full_state, loss_fn, make_loader, make_model_opt, train,
                     train_accelerate)
 from cooldown_callbacks import WSD, Cooldown, ForkPlan, RSqrt
@@ -91,7 +92,9 @@ def test_schedule_none_keeps_user_scheduler_and_forks_decay_from_current_lr(tmp_
 def test_continue_mode_follows_the_wsds_schedule(tmp_path):
     cd = Cooldown(steps=3, shape="linear")
     torch.manual_seed(0)
-    ref_model, ref_opt, _ = run_plain(26, schedule=RSqrt(3).with_cooldowns(at=[8, 16, 24], cooldown=cd, rewarm_steps=2))
+    # the reference WSD-S schedule, written from the documented formula (no library schedule code)
+    wsds = reference.wsds(reference.main_schedule("RSqrt", 3), [8, 16, 24], lambda s: 3, "linear", rewarm=2)
+    ref_model, ref_opt, _ = run_plain(26, schedule=wsds)
     torch.manual_seed(0)
     model, opt, hook = run_plain(26, plan=ForkPlan(every=8, cooldown=cd, mode="continue", rewarm_steps=2),
                                  schedule=RSqrt(3), tmp=tmp_path)
@@ -100,7 +103,8 @@ def test_continue_mode_follows_the_wsds_schedule(tmp_path):
     assert [(r["step"], r["mode"]) for r in recs] == [(8, "continue"), (16, "continue")]  # 24+3 > 26: not yet
     # the cooled checkpoint at 8+3 is the main branch at step 11 of that same run
     torch.manual_seed(0)
-    mid, _, _ = run_plain(11, schedule=RSqrt(3).with_cooldowns(at=[8], cooldown=cd, rewarm_steps=2))
+    mid, _, _ = run_plain(11, schedule=reference.wsds(reference.main_schedule("RSqrt", 3), [8], lambda s: 3, "linear",
+                                                      rewarm=2))
     cooled = torch.load(tmp_path / "cooled-step=00000008-cd=3.pt")
     assert all(torch.equal(cooled[k], v) for k, v in mid.state_dict().items())
 

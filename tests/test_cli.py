@@ -91,7 +91,7 @@ def test_no_command_prints_help_and_fails(capsys):
         pytest.param(["extend", "--from-steps", "100", "--to-steps", "200", "--criterion", "best"],
                      r"invalid choice: 'best'", id="criterion"),
         pytest.param(["refine", "/nonexistent/norms.csv"], r"no such file", id="refine-missing"),
-        pytest.param(["report", "/nonexistent/run"], r"no such file; give a run directory", id="report-missing"),
+        pytest.param(["report", "/nonexistent/run"], r"no such file or folder; give a run directory", id="report-missing"),
     ],
 )
 def test_bad_input_exits_2_and_says_what_to_fix(capsys, tmp_path, monkeypatch, argv, match):
@@ -248,34 +248,47 @@ def test_refine_reads_fork_records_and_rejects_bad_csv(capsys, tmp_path):
     assert code == 2 and "record_grad_norms=True" in err
 
 
-def test_report_table_and_plot(capsys, tmp_path, monkeypatch):
-    write_records(tmp_path / "run" / "forks.jsonl")
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+def spy_figures(monkeypatch) -> list:
+    """The report's figures as (label, xs, ys) per line, plus the number of filled bands."""
+    from cooldown_callbacks.cli import report
+
     figures = []
-    real_save = cli._save
+    real_save = report.save
 
     def spy(fig, out):
-        figures.append([(line.get_label(), list(line.get_xdata()), list(line.get_ydata()))
-                        for line in fig.axes[0].get_lines()])
+        ax = fig.axes[0]
+        figures.append(([(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in ax.get_lines()
+                         if not line.get_label().startswith("_")], len(ax.collections)))
         real_save(fig, out)
 
-    monkeypatch.setattr(cli, "_save", spy)
+    monkeypatch.setattr(report, "save", spy)
+    return figures
+
+
+def test_report_table_and_plot(capsys, tmp_path, monkeypatch):
+    write_records(tmp_path / "run" / "forks.jsonl")
+    figures = spy_figures(monkeypatch)
     png = tmp_path / "budget.png"
     code, out, _ = run(capsys, "report", str(tmp_path / "run"), "--plot", str(png))
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["step", "cooldown", "total", "train_loss", "main", "train_loss", "seconds", "status"]
-    assert lines[1].split() == ["1000", "250", "1250", "2.2", "2.5", "12.5", "ok"]
-    assert lines[2].split()[:7] == ["2000", "500", "2500", "-", "2.4", "3.0", "failed:"]
-    assert lines[2].endswith("failed: CUDA out of memory")
-    assert lines[3].split() == ["4000", "1000", "5000", "1.9", "2.2", "40.0", "ok"]
-    assert "3 forks, 1 failed (metric: train_loss)" in out
+    assert lines[0] == f"records: {tmp_path / 'run' / 'forks.jsonl'}"
+    assert lines[1].split() == ["step", "cooldown", "total", "train_loss", "main", "train_loss", "seconds", "status"]
+    assert lines[2].split() == ["1000", "250", "1250", "2.2", "2.5", "12.5", "ok"]
+    assert lines[3].split()[:7] == ["2000", "500", "2500", "-", "2.4", "3.0", "failed:"]
+    assert lines[3].endswith("failed: CUDA out of memory")
+    assert lines[4].split() == ["4000", "1000", "5000", "1.9", "2.2", "40.0", "ok"]
+    assert "3 forks, 1 failed (metric: train_loss; total = step + cooldown)" in out
     assert_real_png(png, min_bytes=5_000)
-    (cooled, xs, ys), (main_label, mxs, mys) = figures[0]
+    (cooled, xs, ys), (main_label, mxs, mys) = figures[0][0]
     assert xs == [1250, 5000] and ys == [2.2, 1.9]  # the failed fork (2500) is not plotted
     assert mxs == [1000, 2000, 4000] and mys == [2.5, 2.4, 2.2]
 
     code, out, _ = run(capsys, "report", str(tmp_path / "run" / "forks.jsonl"), "--metric", "val_loss")
-    assert code == 0 and out.splitlines()[1].split()[3:5] == ["2.31", "2.61"]
+    assert code == 0 and out.splitlines()[2].split()[3:5] == ["2.31", "2.61"]
     code, _, err = run(capsys, "report", str(tmp_path / "run"), "--metric", "accuracy")
     assert code == 2 and "choose --metric from: train_loss, val_loss" in err
 
@@ -291,3 +304,160 @@ def test_report_without_loss_metric_or_records(capsys, tmp_path):
     (tmp_path / "b" / "forks.jsonl").write_text("")
     code, _, err = run(capsys, "report", str(tmp_path / "b"))
     assert code == 2 and "no fork records yet" in err
+
+
+def hf_records(path: Path, run_id: str = "r1") -> None:
+    """What the HF adapter records: cooled ``cooldown_*`` metrics, the main branch's ``eval_*`` ones."""
+    for s, cooled, main in [(4, 2.61, 2.80), (8, 2.40, 2.55), (12, 2.31, 2.44)]:
+        append_record(path, ForkRecord(step=s, cooldown_steps=3, shape="1-sqrt", run=run_id,
+                                       metrics={"cooldown_loss": cooled, "cooldown_runtime": 0.1},
+                                       main_metrics={"eval_loss": main, "eval_runtime": 0.1, "train_loss": 3.0}))
+
+
+def test_report_pairs_hf_cooldown_loss_with_the_main_eval_loss(capsys, tmp_path):
+    write_records(tmp_path / "out" / "checkpoint-500" / "cooldowns" / "forks.jsonl")  # something else below it
+    hf_records(tmp_path / "out" / "cooldowns" / "forks.jsonl")  # written last, but output_dir/cooldowns comes first
+    import os
+    os.utime(tmp_path / "out" / "checkpoint-500" / "cooldowns" / "forks.jsonl")
+    code, out, _ = run(capsys, "report", str(tmp_path / "out"))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == f"records: {tmp_path / 'out' / 'cooldowns' / 'forks.jsonl'}"  # HF output_dir accepted
+    assert lines[1].split() == ["step", "cooldown", "total", "cooldown_loss", "main", "eval_loss", "seconds", "status"]
+    assert [ln.split()[3:5] for ln in lines[2:5]] == [["2.61", "2.8"], ["2.4", "2.55"], ["2.31", "2.44"]]
+
+
+@pytest.mark.parametrize("metric,main_keys,expected", [
+    ("val_loss", ["val_loss", "train_loss"], "val_loss"),
+    ("cooldown_loss", ["eval_loss", "eval_runtime"], "eval_loss"),
+    ("cooldown_loss", ["train_loss", "eval_loss"], "eval_loss"),  # two "loss" names: the evaluation's
+    ("cooldown/val_loss", ["val_loss"], "val_loss"),  # Lightning's logged names
+    ("cooldown/20pct/val_loss", ["val_loss"], "val_loss"),
+    ("cooldown_loss", ["train_loss"], None),  # never a cooled evaluation beside a training loss
+    ("val_acc", ["val_loss"], None),
+])
+def test_main_metric_pairing(metric, main_keys, expected):
+    from cooldown_callbacks.cli.report import main_key_for
+
+    assert main_key_for(metric, main_keys) == expected
+
+
+def test_report_finds_records_below_the_folders_users_know(capsys, tmp_path):
+    import os
+    import time
+
+    root = tmp_path / "lightning_root"  # Lightning: default_root_dir/<logger>/version_N/cooled/forks.jsonl
+    old = root / "lightning_logs" / "version_0" / "cooled" / "forks.jsonl"
+    new = root / "lightning_logs" / "version_1" / "cooled" / "forks.jsonl"
+    write_records(old)
+    hf_records(new)
+    past = time.time() - 100
+    os.utime(old, (past, past))
+    code, out, _ = run(capsys, "report", str(root))
+    assert code == 0
+    assert out.splitlines()[0] == (f"records: {new} (the newest of 2 records files below {root}; give one of them "
+                                   "to choose)")
+    code, out, _ = run(capsys, "report", str(root / "lightning_logs" / "version_0"))  # the log dir
+    assert code == 0 and out.splitlines()[0] == f"records: {old}"
+    (tmp_path / "empty").mkdir()
+    code, _, err = run(capsys, "report", str(tmp_path / "empty"))
+    assert code == 2 and "no forks.jsonl in it or below it" in err
+
+
+def test_report_resolves_checkpoints_relative_to_the_records_file(capsys, tmp_path, monkeypatch):
+    """The engine writes a checkpoint's name (relative to forks.jsonl); the report finds it from anywhere."""
+    from _loops import eval_fn, loss_fn, make_loader, make_model_opt, train
+    from cooldown_callbacks import WSD, ForkPlan
+    from cooldown_callbacks.integrations.accelerate import CooldownHook
+
+    monkeypatch.chdir(tmp_path)
+    model, opt = make_model_opt()
+    loader = make_loader()
+    hook = CooldownHook(model, opt, schedule=WSD(warmup_steps=1), plan=ForkPlan(every=2, cooldown=Cooldown(steps=1)),
+                        loss_fn=loss_fn, eval_fn=eval_fn, train_loader=loader, dirpath="runs/a/cooled", verbose=False)
+    train(model, opt, loader, 4, after_step=hook.step)
+    raw = [json.loads(x) for x in (tmp_path / "runs/a/cooled/forks.jsonl").read_text().splitlines()]
+    assert [r["checkpoint"] for r in raw] == ["cooled-step=00000002-cd=1.pt", "cooled-step=00000004-cd=1.pt"]
+    assert hook.records[0]["checkpoint"] == str(Path("runs/a/cooled/cooled-step=00000002-cd=1.pt"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, _ = run(capsys, "report", "../runs/a")
+    assert code == 0
+    best = out.splitlines()[-1]
+    assert best.startswith("lowest cooled val_loss:") and "(missing)" not in best
+    assert Path(best.split(": ")[-1]).exists()
+    # older records: absolute paths, or relative to where training ran, still resolve
+    from cooldown_callbacks.records import read_records, resolve_checkpoint
+
+    f = tmp_path / "runs/a/cooled/forks.jsonl"
+    absolute = str(tmp_path / "runs/a/cooled/cooled-step=00000002-cd=1.pt")
+    assert resolve_checkpoint(f, absolute) == absolute
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint(f, "runs/a/cooled/cooled-step=00000002-cd=1.pt") == \
+        "runs/a/cooled/cooled-step=00000002-cd=1.pt"
+    monkeypatch.chdir(elsewhere)
+    assert Path(resolve_checkpoint(f, "runs/a/cooled/cooled-step=00000002-cd=1.pt")).exists()  # by its name
+    assert all(Path(r["checkpoint"]).exists() for r in read_records(f))
+
+
+def labelled_records(path: Path) -> None:
+    """Two cooldowns per fork point on a known law, a skipped fork point and the main branch's metrics."""
+    law = {"20pct": lambda T: 1.2 + 29.2 * T ** -0.6, "10pct": lambda T: 1.25 + 29.2 * T ** -0.6}
+    noise = [0.003, -0.002, 0.001, -0.003, 0.002, 0.0]
+    for i, s in enumerate([100, 200, 300, 400, 500, 600]):
+        for label, frac in (("20pct", 0.2), ("10pct", 0.1)):
+            c = round(frac * s / (1 - frac))
+            append_record(path, ForkRecord(step=s, cooldown_steps=c, shape="1-sqrt", label=label,
+                                           metrics={"val_loss": law[label](s + c) + noise[i]},
+                                           main_metrics={"val_loss": 1.3 + 29.2 * s ** -0.6}))
+    for label in ("20pct", "10pct"):
+        append_record(path, ForkRecord(step=700, cooldown_steps=175, shape="1-sqrt", label=label, status="skipped",
+                                       reason="max_overhead=0.5: 1000 cooldown steps so far + 253 ..."))
+
+
+def test_report_fit_per_cooldown_label_with_band_and_skipped_rows(capsys, tmp_path, monkeypatch):
+    labelled_records(tmp_path / "run" / "forks.jsonl")
+    figures = spy_figures(monkeypatch)
+    png = tmp_path / "fit.png"
+    code, out, _ = run(capsys, "report", str(tmp_path / "run"), "--fit", "--plot", str(png))
+    assert code == 0, out
+    lines = out.splitlines()
+    assert lines[1].split()[:4] == ["step", "cooldown", "label", "total"]
+    assert lines[2].split()[:4] == ["100", "11", "10pct", "111"] and lines[3].split()[:4] == ["100", "25", "20pct", "125"]
+    assert sum("skipped: max_overhead=0.5" in ln for ln in lines) == 2
+    assert "14 forks, 0 failed, 2 skipped" in out
+    for label in ("20pct", "10pct"):
+        block = out.split(f"budget curve of val_loss [{label}], fitted:")[1].split("budget curve of")[0]
+        assert "L(T) = 1.2" in block and "T^-0.6" in block
+        assert "predicted cooled loss at 2x the last budget" in block and "at 4x" in block and "90% band" in block
+        assert "10% more steps" in block
+    assert_real_png(png, min_bytes=5_000)
+    lines_drawn, bands = figures[0]
+    labels = [lab for lab, _, _ in lines_drawn]
+    assert sum(lab.startswith("cooled") for lab in labels) == 2 and sum(lab.startswith("fit ") for lab in labels) == 2
+    assert bands == 2  # one extrapolation band per cooldown
+    ends = sorted(max(x) for lab, x, _ in lines_drawn if lab.startswith("fit "))
+    assert ends == pytest.approx([4 * 667, 4 * 750])  # drawn out to 4x each cooldown's last budget
+
+
+def test_report_fit_needs_three_budgets_and_scipy(capsys, tmp_path, monkeypatch):
+    write_records(tmp_path / "run" / "forks.jsonl")  # two successful forks
+    code, out, _ = run(capsys, "report", str(tmp_path / "run"), "--fit")
+    assert code == 0 and "no fit - it needs cooled losses at 3 or more budgets (has 2)" in out
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    code, out, err = run(capsys, "report", str(tmp_path / "run"), "--fit")
+    assert code == 1 and "pip install 'cooldown-callbacks[fit]'" in err and out == ""
+    code, _, err = run(capsys, "report", str(tmp_path / "run"), "--fit", "--level", "1.5")
+    assert code == 2 and "must be a probability in (0, 1)" in err
+
+
+def test_report_fit_from_drops_the_early_budgets(capsys, tmp_path):
+    labelled_records(tmp_path / "run" / "forks.jsonl")
+    code, out, _ = run(capsys, "report", str(tmp_path / "run"), "--fit", "--fit-from", "300")
+    assert code == 0
+    block = out.split("budget curve of val_loss [10pct], totals >= 300, fitted:")[1]
+    assert "(4 cooled losses, T = 333..667" in block
+    code, out, _ = run(capsys, "report", str(tmp_path / "run"), "--fit", "--fit-from", "600")
+    assert "budget curve of val_loss [20pct], totals >= 600: no fit - it needs cooled losses at 3 or more budgets " \
+           "(has 2)" in out

@@ -6,6 +6,7 @@ Every run is a real ``Trainer.fit`` of a tiny byte-level model on real text (``_
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -20,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+import _reference_schedules as reference
 from _lightning_models import (
     SCHEDULE,
     CharData,
@@ -254,25 +256,41 @@ def test_failed_fork_raises_after_restoring_when_asked(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:CooldownCallback. the fork at step 4 failed")
 def test_sigterm_during_fork_restores_first_then_cools_the_final_model(tmp_path):
-    """Preemption in the middle of a cooldown: the fork stops, the main branch is restored before
-    Lightning's SIGTERM handler runs, and with ``at_end=True`` the final model is cooled before exit."""
+    """Preemption in the middle of a cooldown: the fork stops, the main branch is restored before any
+    SIGTERM handler runs (Lightning's, then the user's, which Lightning calls after its own), and with
+    ``at_end=True`` the final model is cooled before exit. Without the engine's signal guard the
+    handlers would run inside the fork: on cooled weights, and the fork would finish instead."""
     cb = callback(tmp_path, ForkPlan(every=4, at_end=True, cooldown=Cooldown(steps=3)))
     sent: list = []
+    seen: list = []
+    models: list = []
 
     def preempt(m):
-        if cb.forking and m.global_step == 5 and not sent:
+        if cb.forking and m.global_step == 5 and not sent:  # the fork's 2nd cooldown step
             sent.append(True)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    models: list = []
-    with pytest.raises(SystemExit):
-        fit(tmp_path, "forks", cb=cb, poison=preempt, holder=models, logger=False)
+    def handler(signum, frame):  # what a preemption handler does: look at (checkpoint) the model now
+        seen.append((cb.forking, params_and_optimizer(models[0], models[0].trainer)))
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(SystemExit):
+            fit(tmp_path, "forks", cb=cb, poison=preempt, holder=models, logger=False)
+    finally:
+        signal.signal(signal.SIGTERM, old)
     tb, mb = fit(tmp_path, "plain", scheduler=lambda_scheduler(SCHEDULE), logger=False, max_steps=4)
-    assert_bit_identical(params_and_optimizer(models[0], models[0].trainer), params_and_optimizer(mb, tb))
+    main_at_4 = params_and_optimizer(mb, tb)
+    assert sent and len(seen) == 1, "the SIGTERM handler ran once"
+    forking, state = seen[0]
+    assert not forking, "the handler ran while the fork was still running"
+    assert_bit_identical(state, main_at_4)  # the handler saw the main branch, not cooled weights
+    assert_bit_identical(params_and_optimizer(models[0], models[0].trainer), main_at_4)
     recs = read_records(tmp_path / "cooled")
-    # the interrupted fork is recorded as failed (the engine stops a fork on SIGTERM), then at_end cools step 4
-    assert [(r["step"], r["status"]) for r in recs][-1] == (4, "ok") and Path(recs[-1]["checkpoint"]).exists()
-    assert all("interrupted by SIGTERM" in r["error"] for r in recs[:-1])
+    # the interrupted fork is recorded as failed (the engine stopped it), then at_end cools step 4
+    assert [(r["step"], r["status"]) for r in recs] == [(4, "failed"), (4, "ok")]
+    assert recs[0]["error"].startswith("interrupted by SIGTERM") and recs[0]["checkpoint"] is None
+    assert Path(recs[1]["checkpoint"]).exists()
 
 
 # -- bad input: clear errors before the first step -----------------------------------------------
@@ -339,7 +357,9 @@ def test_bad_configuration_fails_at_fit_start(tmp_path, case):
 def test_continue_mode_equals_wsds_schedule(tmp_path, plan, starts, trainer_kw):
     cb = callback(tmp_path, plan)
     ta, ma = fit(tmp_path, "forks", cb=cb, logger=False, **trainer_kw)
-    wsds = SCHEDULE.with_cooldowns(at=starts, cooldown=plan.cooldown)
+    # the reference WSD-S schedule, written from the documented formula (no library schedule code)
+    wsds = reference.wsds(reference.main_schedule("WSD", 3), starts, lambda s: plan.cooldown.steps,
+                          plan.cooldown.shape)
     tb, mb = fit(tmp_path, "plain", scheduler=lambda_scheduler(wsds), logger=False, **trainer_kw)
     assert_bit_identical(params_and_optimizer(ma, ta), params_and_optimizer(mb, tb))
     ends = [s + plan.cooldown.length(s) for s in starts if s + plan.cooldown.length(s) <= 12]
@@ -364,24 +384,70 @@ class StopAt(Callback):
                 os.kill(os.getpid(), signal.SIGTERM)
 
 
+class StateAtEnd(Callback):
+    """Placed before the cooldown callback: what the final fork starts from (weights, optimizer, RNG)."""
+
+    def __init__(self) -> None:
+        self.state: dict | None = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.state = {"step": trainer.global_step, "model": copy.deepcopy(pl_module.state_dict()),
+                      "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()), "rng": torch.get_rng_state()}
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.on_train_end(trainer, pl_module)
+
+
+def reference_cooldown(state: dict, batches: list, c: int) -> dict:
+    """The cooldown written out by hand: ``c`` AdamW steps on ``batches`` at LR ``0.01 * main(S) * (1 - sqrt(k/c))``."""
+    model = CharModel()
+    model.load_state_dict(state["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.01)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    main = reference.main_schedule("WSD", 3)
+    model.train()
+    for k, batch in enumerate(batches[:c]):
+        for g in opt.param_groups:
+            g["lr"] = 0.01 * (main(state["step"]) * reference.decay("1-sqrt", k / c))
+        opt.zero_grad()
+        model._loss(batch)[0].backward()
+        opt.step()
+    return model.state_dict()
+
+
 @pytest.mark.parametrize("how", ["max_steps", "should_stop", "max_time", "sigterm"])
 def test_at_end_cools_the_final_model(tmp_path, how):
-    cb = callback(tmp_path, ForkPlan(on_eval=False, at_end=True, cooldown=Cooldown(steps=2)))
-    kw: dict = dict(max_steps=7, logger=False)
+    """However training stops, the final model is cooled once: the cooled checkpoint is the main
+    branch's final state after a 2-step 1-sqrt cooldown (written out by hand here), the main branch
+    itself is left as it was."""
+    batches = [b for _, b in zip(range(2), iter(CharData(seed=3).train_dataloader()))]
+    cb = callback(tmp_path, ForkPlan(on_eval=False, at_end=True, cooldown=Cooldown(steps=2), data=batches))
+    probe = StateAtEnd()
+    kw: dict = dict(max_steps=7, logger=False, callbacks=[probe])
     if how in ("should_stop", "sigterm"):
-        kw["callbacks"] = [StopAt(5, how)]
+        kw["callbacks"].append(StopAt(5, how))
     if how == "max_time":
         kw.update(max_steps=-1, max_epochs=-1, max_time=timedelta(seconds=1))
+    models: list = []
     if how == "sigterm":
         with pytest.raises(SystemExit):
-            fit(tmp_path, "run", cb=cb, **kw)
-        final = 5
+            fit(tmp_path, "run", cb=cb, holder=models, **kw)
     else:
-        trainer, _ = fit(tmp_path, "run", cb=cb, **kw)
-        final = trainer.global_step
-        assert final == {"max_steps": 7, "should_stop": 5}.get(how, final) and final > 0
+        fit(tmp_path, "run", cb=cb, holder=models, **kw)
+    final = probe.state["step"]
+    assert final == {"max_steps": 7, "should_stop": 5, "sigterm": 5}.get(how, final) and final > 0
     assert [(r["step"], r["status"]) for r in read_records(tmp_path / "cooled")] == [(final, "ok")]
-    assert Path(cb.records[0]["checkpoint"]).exists()
+    cooled = torch.load(cb.records[0]["checkpoint"], weights_only=False)
+    assert cooled["global_step"] == final + 2
+    expected = reference_cooldown(probe.state, batches, 2)
+    assert cooled["state_dict"].keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(cooled["state_dict"][k], v), f"cooled {k} differs from the hand-written cooldown"
+    # the main branch is the final model, untouched (and different from the cooled one)
+    main = models[0].state_dict()
+    assert all(torch.equal(main[k], v) for k, v in probe.state["model"].items())
+    assert not torch.equal(main["head.weight"], cooled["state_dict"]["head.weight"])
 
 
 # -- LightningCLI / YAML ------------------------------------------------------------------------

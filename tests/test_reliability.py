@@ -69,8 +69,32 @@ def reference(request, tmp_path_factory):
 def test_sigkill_anywhere_then_resume_equals_uninterrupted_run(reference, phase, seed, tmp_path):
     t0 = time.perf_counter()
     got = harness.trial(reference, tmp_path / "run", phase, seed)
-    print(f"{reference.script} {got['kill']}: cooled at kill {got['cooled_at_kill']}, "
+    evidence = {k: v for k, v in got["marker"].items() if k not in ("phase", "n", "pid")}
+    print(f"{reference.script} {got['kill']}: died there ({evidence}); cooled at kill {got['cooled_at_kill']}, "
           f"{time.perf_counter() - t0:.2f}s")
+
+
+@pytest.mark.slow
+def test_the_marker_proves_where_a_run_died(tmp_path):
+    """A run killed at one point is not taken for a run killed at another (phase or event)."""
+    out = tmp_path / "run"
+    assert harness.run("_kill_script_hook", out, kill="evaluate:1") == -signal.SIGKILL
+    harness.check_marker(out, "evaluate", 1, out / "cooled")
+    for phase, n in (("evaluate", 0), ("forward", 1), ("main_step", 1)):
+        with pytest.raises(AssertionError, match=rf"died at evaluate:1, not {phase}:{n}"):
+            harness.check_marker(out, phase, n, out / "cooled")
+    assert harness.run("_kill_script_hook", tmp_path / "clean") == 0  # not killed: no marker
+    with pytest.raises(AssertionError, match="killed without writing its marker"):
+        harness.check_marker(tmp_path / "clean", "evaluate", 1, tmp_path / "clean" / "cooled")
+
+
+def test_seeds_take_distinct_kill_points():
+    """No two trials of one script and phase kill at the same event; too few events for the seeds is an error."""
+    for count in (len(SEEDS), 3, 16, 399):
+        points = [harness.kill_point("_kill_script_x", "forward", seed, count) for seed in SEEDS]
+        assert len(set(points)) == len(SEEDS) and all(0 <= n < count for n in points)
+    with pytest.raises(AssertionError, match=r"phase save_partial occurs 1 time\(s\), too few .* \(seed 1\)"):
+        harness.kill_point("_kill_script_x", "save_partial", 1, 1)
 
 
 # -- faults inside a fork -----------------------------------------------------------------------

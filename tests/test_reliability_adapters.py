@@ -21,6 +21,7 @@ The kill-and-resume trials of both adapters are in ``test_reliability.py`` (harn
 from __future__ import annotations
 
 import gc
+import json
 import os
 import re
 import signal
@@ -73,9 +74,13 @@ def test_sigkill_while_a_rerun_fork_replaces_its_cooled_folder_leaves_no_partial
     ref = harness.Reference("_kill_script_transformers", tmp_path / "ref")
     out = tmp_path / "run"
     assert harness.run("_kill_script_transformers", out, kill="after_rename:0") == -signal.SIGKILL
+    harness.check_marker(out, "after_rename", 0, out / COOLED)
     name = "cooled-step=00000005-cd=3"
     assert name in _cooled_files(out / COOLED) and not harness._ok(read_records(out / COOLED))
-    assert harness.run("_fail_rmtree_transformers", out) == -signal.SIGKILL  # died inside the removal
+    assert harness.run("_fail_rmtree_transformers", out) == -signal.SIGKILL
+    died = json.loads(harness.marker_path(out).read_text())  # written just before the kill
+    # inside the removal of the old copy of that folder (the engine moves it aside first)
+    assert died["phase"] == "rmtree" and name in Path(died["path"]).name, died
     ref_files = _cooled_files(ref.cooled_dir)
     for folder, files in _cooled_files(out / COOLED).items():
         assert files == ref_files[folder], f"partial folder under a final name: {folder} holds {files}"

@@ -52,6 +52,7 @@ def test_sigkill_inside_a_fork_then_resume_equals_the_uninterrupted_run(referenc
     kill = f"{phase}:{n}"
     res = torchrun(SCRIPT, str(out), kill)
     assert res.returncode != 0 and "exitcode  : -9" in res.stderr, f"{kill}: rank 0 was not killed:\n{res.stderr[-3000:]}"
+    harness.check_marker(out, phase, n, out / script.COOLED)  # rank 0 died at that event of that phase
     harness.check_files(reference, out, f"after kill at {kill}")
     res = torchrun(SCRIPT, str(out))
     assert res.returncode == 0, f"resume after {kill} failed:\n{res.stderr[-4000:]}"

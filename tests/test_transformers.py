@@ -31,6 +31,7 @@ from cooldown_callbacks import WSD, Cooldown, ForkPlan, RSqrt
 from cooldown_callbacks.engine import ForkError
 from cooldown_callbacks.integrations.transformers import CooldownTrainerCallback
 from cooldown_callbacks.records import read_records
+import _reference_schedules as reference
 from _hf_data import ByteLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -361,7 +362,8 @@ def test_continue_mode_equals_wsds_schedule_and_evaluates_each_cooled_model(tmp_
     cd = Cooldown(steps=2, shape="linear")
     callback = cb(ForkPlan(on_eval=True, mode="continue", cooldown=cd))
     forked = train(tmp_path / "fork", [callback])
-    WSDSTrainer.wsds = WSD(warmup_steps=W).with_cooldowns(at=[2, 6, 10], cooldown=cd)
+    # the reference WSD-S schedule, written from the documented formula (no library schedule code)
+    WSDSTrainer.wsds = reference.wsds(reference.main_schedule("WSD", W), [2, 6, 10], lambda s: 2, "linear")
     ref = train(tmp_path / "ref", trainer_cls=WSDSTrainer)
     assert_same_main(ref, forked)  # includes the logged LRs (decayed at steps 2, 3, 6, 7, 10, 11)
     assert [(r["step"], r["cooldown_steps"], r["mode"]) for r in callback.records] == \

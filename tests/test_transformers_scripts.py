@@ -78,7 +78,7 @@ def test_resume_in_place_takes_back_finished_forks_and_publishes_them_once(finis
     t = train(out, [catcher, callback], resume=str(out / "checkpoint-6"), save_strategy="steps", save_steps=6)
     assert_same_main(full, t, after=6)
     printed = capsys.readouterr().out
-    lines = [ln for ln in printed.splitlines() if ln.startswith("[cooldown]")]
+    lines = [ln for ln in printed.splitlines() if ln.startswith("[cooldown] step")]
     assert len(lines) == 2 and all("restored from the records (finished before the restart)" in ln for ln in lines)
     assert not re.search(r" in \d+\.\ds", printed)  # not the old fork's duration
     by_step = {r["step"]: r for r in first.records}
@@ -429,3 +429,31 @@ def test_trl_sft_trainer_metrics_are_not_polluted_by_forks(tmp_path, monkeypatch
     for r in callback.records:  # pairable by name: cooled cooldown_entropy with main eval_entropy
         assert "cooldown_entropy" in r["metrics"] and "eval_entropy" in r["main_metrics"]
         assert "cooldown_mean_token_accuracy" in r["metrics"]
+
+
+# -- several cooldowns per fork point (ForkPlan(cooldown=[...])) with the items above -------------------------
+TWO = [Cooldown(steps=2, shape="linear"), Cooldown(steps=3, shape="1-sqrt")]
+
+
+def test_several_cooldowns_final_model_and_resume_in_place(tmp_path, capsys):
+    """final_model='cooled' with two cooldowns per fork point ends on the last one in the plan's order; a resume
+    in place takes both back, logging each once under its own label."""
+    plan = ForkPlan(at=[4, 8], at_end=True, cooldown=TWO)
+    callback = cb(plan, final_model="cooled")
+    out = tmp_path / "out"
+    t = train(out, [callback], eval_strategy="no", max_steps=8, save_strategy="steps", save_steps=4)
+    labels = [r["label"] for r in callback.records]
+    assert len(set(labels)) == 2 and [r["step"] for r in callback.records] == [4, 4, 8, 8]
+    last = callback.records[-1]
+    cooled = load_params(last["checkpoint"])
+    assert all(torch.equal(cooled[n], p) for n, p in t.model.named_parameters())
+    catcher = LogCatcher()
+    again = cb(plan, verbose=True)
+    train(out, [catcher, again], eval_strategy="no", max_steps=8, save_strategy="steps", save_steps=4,
+          resume=str(out / "checkpoint-4"))
+    assert [(r["step"], r["label"], r.get("restored", False)) for r in again.records] == \
+        [(4, labels[0], False), (4, labels[1], False), (8, labels[0], True), (8, labels[1], True)]
+    for r in callback.records[2:]:
+        assert [x[f"cooldown_{r['label']}_loss"] for x in catcher.logs if f"cooldown_{r['label']}_restored" in x] == \
+            [r["metrics"]["cooldown_loss"]]
+    assert capsys.readouterr().out.count("restored from the records") == 2

@@ -57,11 +57,16 @@ class CooldownHook:
             gather; convert with ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
         snapshot_storage: ``"cpu"`` (default), ``"device"`` or ``"disk"``. Sharded (FSDP2) state is
             copied per rank, local shards only.
+        max_steps, eval_every: the run's horizon and (for ``on_eval`` plans) evaluation interval, if
+            known: the hook then prints what the plan adds (:meth:`ForkPlan.cost`) on rank 0.
 
     Sharded models (FSDP2 ``fully_shard``, Accelerate's FSDP2 plugin, FSDP1 ``FullyShardedDataParallel``)
     fork exactly: see :mod:`cooldown_callbacks.sharding`. In the ``loss_fn`` path non-final micro-batches
     skip gradient communication as users do (DDP/FSDP1 ``no_sync()``, FSDP2
     ``set_requires_gradient_sync(False)``) and FSDP1 clips with its own ``clip_grad_norm_``.
+
+    A plan with several cooldowns runs each from the restored main branch at every fork point;
+    ``step()`` returns the last one's record, ``records`` has all of them.
     """
 
     def __init__(
@@ -88,6 +93,8 @@ class CooldownHook:
         save_format: Literal["full", "dcp"] = "full",
         snapshot_storage: str = "cpu",
         verbose: bool = True,
+        max_steps: int | None = None,
+        eval_every: int | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"Invalid model ({type(model).__name__}): must be a torch.nn.Module.")
@@ -168,6 +175,9 @@ class CooldownHook:
             g.setdefault("initial_lr", g["lr"])
         self._handles = [_inner(o).register_step_pre_hook(self._pre_step) for o in optimizers]
         self._apply_main_lr()
+        cost = self.engine.cost_line(max_steps, eval_every)
+        if cost is not None and self.verbose and self.rank == 0:
+            print(f"[cooldown] {cost}", flush=True)
 
     # -- LR ----------------------------------------------------------------------------------
     @property
@@ -203,8 +213,8 @@ class CooldownHook:
         rec = None
         suffix = self._suffix()
         if self.engine.should_fork(t, evaluating=evaluating):
-            rec = self.engine.fork(t, _HookRunner(self), suffix=suffix, main_metrics=metrics)
-            self._report(rec)
+            for rec in self.engine.fork_point(t, _HookRunner(self), suffix=suffix, main_metrics=metrics):
+                self._report(rec)
         else:
             start = self.engine.continue_due(t)
             if start is not None:
@@ -221,8 +231,9 @@ class CooldownHook:
         plan = self.engine.plan
         if not plan.at_end or t <= 0 or t in self.engine.completed:
             return None
-        rec = self.engine.fork(t, _HookRunner(self), suffix=self._suffix(), main_metrics=metrics)
-        self._report(rec)
+        rec = None
+        for rec in self.engine.fork_point(t, _HookRunner(self), suffix=self._suffix(), main_metrics=metrics):
+            self._report(rec)
         return rec
 
     def record_grad_norm(self, norm: float | torch.Tensor) -> None:
@@ -262,9 +273,13 @@ class CooldownHook:
 
     def _report(self, rec: ForkRecord) -> None:
         if self.verbose and self.rank == 0:
+            if rec.status == "skipped":
+                print(f"[cooldown] step {rec.step}: skipped ({rec.reason})", flush=True)
+                return
             m = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.metrics.items())
             status = m if rec.status == "ok" else f"FAILED ({rec.error})"
-            print(f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}) -> {status} "
+            label = f" [{rec.label}]" if rec.label else ""
+            print(f"[cooldown] step {rec.step}{label}: {rec.cooldown_steps} cooldown steps ({rec.shape}) -> {status} "
                   f"in {rec.seconds:.1f}s", flush=True)
 
     _Runner = _HookRunner  # the engine's view of this hook for one fork

@@ -113,7 +113,8 @@ class _Runner:
             _module_train_modes(tr).restore(self.module)
         stack.enter_context(_discarded_train_logging(tr))
         if cb.progress_bar:
-            cb._bar = _CooldownBar(tr, f"Cooldown @ {step}", cooldown_steps)
+            label = cb.engine.active_label
+            cb._bar = _CooldownBar(tr, f"Cooldown @ {step}" + (f" ({label})" if label else ""), cooldown_steps)
             stack.callback(self._close_bar)
         self._step, self._k = step, 0
         self._it = self._batches(step, cooldown_steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,17 @@ def _set_rng_state(state: dict) -> None:
     restore_rng(s)
 
 
+def _horizon(trainer: pl.Trainer) -> int | None:
+    """The optimizer steps this fit will run (``max_steps``, or what ``max_epochs`` gives), if known."""
+    if trainer.max_steps > 0:
+        return trainer.max_steps
+    try:
+        n = trainer.estimated_stepping_batches
+    except Exception:  # noqa: BLE001 - an unknown horizon only means no cost line
+        return None
+    return int(n) if isinstance(n, (int, float)) and math.isfinite(n) and n > 0 else None
+
+
 class CooldownCallback(Callback):
     """Drive the main-branch LR from ``schedule`` and fork cooldown-to-zero runs per ``plan``.
 
@@ -68,7 +80,8 @@ class CooldownCallback(Callback):
         filename: checkpoint name with ``{step}`` (fork step) and ``{cooldown}`` (its length);
             ``.ckpt`` is appended.
         prefix: prefix of the cooled metrics in the loggers, the progress bar and
-            ``trainer.callback_metrics``; also keys the callback's state in checkpoints.
+            ``trainer.callback_metrics``; also keys the callback's state in checkpoints. With several
+            cooldowns per fork point their label follows (``cooldown/50steps/val_loss``).
         save_weights_only: save only the weights (``trainer.save_checkpoint(weights_only=True)``).
         save_format: how a sharded strategy writes each cooled checkpoint. ``"full"`` (default): one
             ``.ckpt`` file with the unsharded state, gathered on every rank and written by rank 0
@@ -305,6 +318,9 @@ class CooldownCallback(Callback):
         if not self._skip_forks:
             claim_dirpath(self, trainer)  # after the checkpoint's state (the run id) is loaded
         self._apply_main_lr(trainer)
+        cost = self.engine.cost_line(_horizon(trainer), _eval_every_steps(trainer) if plan.on_eval else None)
+        if cost is not None and self.verbose:
+            rank_zero_info(f"CooldownCallback: {cost}")
 
     # -- LR ----------------------------------------------------------------------------------
     def _groups(self, trainer: pl.Trainer) -> list[dict]:
@@ -444,14 +460,20 @@ class CooldownCallback(Callback):
     # -- running a fork ----------------------------------------------------------------------
     def _fork(self, trainer: pl.Trainer, step: int, from_validation: bool = False) -> ForkRecord:
         runner = _Runner(self, trainer, step, from_validation=from_validation)
-        rec = self.engine.fork(step, runner, suffix=".ckpt")
-        self._after(trainer, rec, runner)
-        return rec
+        recs = self.engine.fork_point(step, runner, suffix=".ckpt")
+        for rec in recs:
+            self._after(trainer, rec, runner)
+        return recs[-1]
 
     def _after(self, trainer: pl.Trainer, rec: ForkRecord, runner: _Runner) -> None:
+        prefix = self.prefix + (f"{rec.label}/" if rec.label else "")
         if rec.status == "ok" and rec.metrics:
-            shown = [self.prefix + k for k in runner.prog_bar_keys]
-            _publish_metrics(trainer, {self.prefix + k: v for k, v in rec.metrics.items()}, self._log_step, shown)
+            shown = [prefix + k for k in runner.prog_bar_keys]
+            _publish_metrics(trainer, {prefix + k: v for k, v in rec.metrics.items()}, self._log_step, shown)
+        if rec.status == "skipped":
+            if self.verbose and trainer.is_global_zero:
+                self._print(trainer, f"[cooldown] step {rec.step}: skipped ({rec.reason})")
+            return
         if rec.status != "ok" and not rec.restored:
             fate = ("the main branch is NOT bit-identical to a run without forks from here on" if
                     self._stream_rng_moved else "the main branch goes on unchanged")
@@ -461,7 +483,7 @@ class CooldownCallback(Callback):
             if rec.status == "ok":
                 m = rec.metrics.get("val_loss")
                 name = "val_loss" if m is not None else next(iter(rec.metrics), None)
-                shown = f"{self.prefix}{name}={rec.metrics[name]:.4f}" if name is not None else "no metrics"
+                shown = f"{prefix}{name}={rec.metrics[name]:.4f}" if name is not None else "no metrics"
             else:
                 shown = f"FAILED ({rec.error})"
             if rec.restored:

@@ -37,8 +37,11 @@ def write(trainer: Trainer, line: str) -> None:
 def report(cb: CooldownTrainerCallback, trainer: Trainer, rec: ForkRecord) -> None:
     """One line per fork: logged at INFO, printed on the main process when ``verbose``."""
     losses = ", ".join(f"{k}={v:.4f}" for k, v in rec.metrics.items() if k.endswith("_loss"))
-    head = f"[cooldown] step {rec.step}: {rec.cooldown_steps} cooldown steps ({rec.shape}, {rec.mode})"
-    if rec.restored:
+    label = f" [{rec.label}]" if rec.label else ""
+    head = f"[cooldown] step {rec.step}{label}: {rec.cooldown_steps} cooldown steps ({rec.shape}, {rec.mode})"
+    if rec.status == "skipped":
+        line = f"[cooldown] step {rec.step}{label}: skipped ({rec.reason})"
+    elif rec.restored:
         line = f"{head} restored from the records (finished before the restart) -> {losses}"
     elif rec.status == "ok":
         line = f"{head} -> {losses} in {rec.seconds:.1f}s"

@@ -53,7 +53,7 @@ class _TrainerRunner:
         self._modes: list = []
         self.data_source: str | None = None
         self.keep_cooled = keep_cooled  # final_model="cooled": keep a copy of the cooled weights after saving
-        self.cooled: list[torch.Tensor] | None = None
+        self.cooled: tuple[str | None, list[torch.Tensor]] | None = None
 
     def snapshot(self) -> Snapshot:
         t = self.t
@@ -125,17 +125,21 @@ class _TrainerRunner:
         return total
 
     def evaluate(self) -> dict:
-        """``trainer.evaluate(metric_key_prefix=<prefix>)``. What a Trainer subclass adds to that evaluation's
-        metrics under the main evaluation's ``eval_`` prefix (TRL's ``log`` adds ``eval_entropy``,
-        ``eval_mean_token_accuracy``, ...) describes the cooled model: it is renamed to the cooled prefix
-        (in place, so ``log_history``, ``report_to`` integrations, ``on_evaluate`` and the record agree)."""
+        """``trainer.evaluate(metric_key_prefix=...)``, logged (log_history, TensorBoard) with the cooldown's label
+        when the plan has several (``cooldown_<label>_loss``) and recorded under the plain prefix (the record's
+        ``label`` tells them apart). What a Trainer subclass adds to that evaluation's metrics under the main
+        evaluation's ``eval_`` prefix (TRL's ``log`` adds ``eval_entropy``, ``eval_mean_token_accuracy``, ...)
+        describes the cooled model: it is renamed to the logged prefix (in place, so ``log_history``,
+        ``report_to`` integrations, ``on_evaluate`` and the record agree)."""
         prefix = self.cb.metric_key_prefix
+        label = self.cb._engine.active_label
+        logged = f"{prefix}_{label}" if label else prefix
         handler, state = self.t.callback_handler, self.t.state
         on_log, own = handler.on_log, handler.__dict__.get("on_log")
 
         def rename(d: dict) -> None:
             for k in [k for k in d if k.startswith("eval_")]:
-                d[prefix + k[4:]] = d.pop(k)
+                d[logged + k[4:]] = d.pop(k)
 
         def on_log_cooled(args, st, control, logs=None, **kwargs):
             last = state.log_history[-1] if state.log_history else {}
@@ -146,7 +150,7 @@ class _TrainerRunner:
 
         handler.on_log = on_log_cooled
         try:
-            metrics = self.t.evaluate(metric_key_prefix=prefix)
+            metrics = self.t.evaluate(metric_key_prefix=logged)
         finally:
             if own is None:
                 del handler.on_log
@@ -154,8 +158,9 @@ class _TrainerRunner:
                 handler.on_log = own
         out = {}
         for k, v in metrics.items():
-            if not k.startswith(prefix + "_"):
+            if not k.startswith(logged + "_"):
                 continue
+            k = prefix + k[len(logged):]
             try:
                 out[k] = float(v.item() if hasattr(v, "item") else v)
             except (TypeError, ValueError):
@@ -172,8 +177,9 @@ class _TrainerRunner:
                 t._save(str(path), state_dict=state)
         else:
             t.save_model(str(path), _internal_call=True)
-        if self.keep_cooled:  # this rank's part of the cooled weights (local shards under FSDP)
-            self.cooled = [sharding.local(x).detach().to("cpu", copy=True) for x in _weights(t.model)]
+        if self.keep_cooled:  # this rank's part of the cooled weights (local shards under FSDP), with its label
+            self.cooled = (self.cb._engine.active_label,
+                           [sharding.local(x).detach().to("cpu", copy=True) for x in _weights(t.model)])
 
     def end(self) -> None:
         for m, mode in self._modes:

@@ -34,12 +34,12 @@ from __future__ import annotations
 import collections
 import functools
 import random
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
-__all__ = ["MainStream", "StreamEnded", "install", "uninstall"]
+__all__ = ["MainStream", "StreamEnded", "install", "uninstall", "stop_if_disturbed"]
 
 _LOADER_FLAGS = ("end_of_dataloader", "remainder")
 
@@ -156,3 +156,18 @@ def uninstall(trainer: Any, cb: Any) -> None:
     if getattr(current, "_cooldown_stream", False):
         del trainer.get_batch_samples
     cb._stream = None
+
+
+def stop_if_disturbed(trainer: Any, cb: Any, any_rank: Callable[[bool], bool], step: int) -> None:
+    """After a fork: if producing the batches it drew moved the global RNG on some rank, the main branch's next
+    batches are not the ones it would have had; stop training (every rank), leaving the Trainer as it was."""
+    stream = cb._stream
+    if not any_rank(stream is not None and stream.moved_in_fork):
+        return
+    uninstall(trainer, cb)
+    raise RuntimeError(
+        f"CooldownTrainerCallback: the fork at step {step} drew the main branch's next batches from its streaming "
+        "train_dataset, and producing them drew from the global random number generator (e.g. a masking collator or "
+        "a random crop): those batches now differ from the ones the main branch would have trained on, so training "
+        "stops here (checkpoints saved so far are intact). Use ForkPlan(data='fresh') or an iterable of cooldown "
+        "batches, or draw that randomness in DataLoader workers (dataloader_num_workers > 0).")

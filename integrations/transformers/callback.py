@@ -27,7 +27,7 @@ from . import _stream
 from ._checks import (DECAYING_SCHEDULERS, check_fsdp, check_launch, check_siblings, claim_dirpath, note_schedule,
                       scheduler_name)
 from ._data import _data_kind
-from ._outputs import end_on_cooled, report, restored_record
+from ._outputs import end_on_cooled, report, restored_record, write
 from ._runner import _TrainerRunner, _holds
 
 __all__ = ["CooldownTrainerCallback", "FINAL_MODELS", "TRL_ATTRIBUTES"]
@@ -64,7 +64,9 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             ``ForkPlan()`` - fork at every evaluation with a 20% 1-sqrt cooldown.
         dirpath: where cooled models and ``forks.jsonl`` go (default ``<output_dir>/cooldowns``).
         filename: name of each cooled model's directory, with ``{step}`` and ``{cooldown}``.
-        metric_key_prefix: prefix of the cooled evaluation's metrics (``cooldown_loss``, ...).
+        metric_key_prefix: prefix of the cooled evaluation's metrics (``cooldown_loss``, ...); with
+            several cooldowns per fork point their label follows in the logged names
+            (``cooldown_50steps_loss``), while the records keep ``cooldown_loss`` and a ``label``.
         snapshot_storage: where the main branch's copy waits during a fork: ``"cpu"`` (default),
             ``"device"`` or ``"disk"``.
         save_format: ``"full"`` (default): each cooled model is a ``save_pretrained`` folder that
@@ -372,6 +374,11 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         self._pending_state = None
         self._eval_record_step = {}
         self._final_cooled = None
+        cost = engine.cost_line(state.max_steps, eval_every)
+        if cost is not None:
+            logger.info(f"CooldownTrainerCallback: {cost}")
+            if self.verbose and is_zero:
+                write(trainer, f"[cooldown] {cost}")
         if self.schedule is not None:
             self._drive_lr(trainer, state)
         elif scheduler_name(args.lr_scheduler_type) in DECAYING_SCHEDULERS:
@@ -442,19 +449,25 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         self._in_fork = True
         try:
             if continue_start is None:
-                rec = e.fork(step, runner)
+                recs = e.fork_point(step, runner)
             else:
-                rec = e.finish_continue(continue_start, step, runner)
-            self._eval_record_step[step] = rec.step
-            if rec.restored:  # finished before a crash: its metrics reach log_history and report_to once more
-                rec = restored_record(self, trainer, rec)
-                logs = {**rec.metrics, f"{p}_steps": float(rec.cooldown_steps), f"{p}_restored": 1.0}
-            elif rec.status == "ok":
-                logs = {f"{p}_steps": float(rec.cooldown_steps), f"{p}_seconds": round(rec.seconds, 4)}
-            else:
-                logs = {f"{p}_steps": float(rec.cooldown_steps), f"{p}_failed": 1.0}
-            # the base Trainer's log: a subclass's log (TRL's) would move the main branch's accumulated metrics here
-            Trainer.log(trainer, logs)
+                recs = [e.finish_continue(continue_start, step, runner)]
+            for rec in recs:
+                self._eval_record_step[step] = rec.step
+                prefix = p + (f"_{rec.label}" if rec.label else "")
+                if rec.status == "skipped":
+                    continue
+                if rec.restored:  # finished before a crash: its metrics reach log_history and report_to once more
+                    rec = restored_record(self, trainer, rec)
+                    logs = {prefix + k[len(p):]: v for k, v in rec.metrics.items() if k.startswith(p + "_")}
+                    logs.update({f"{prefix}_steps": float(rec.cooldown_steps), f"{prefix}_restored": 1.0})
+                elif rec.status == "ok":
+                    logs = {f"{prefix}_steps": float(rec.cooldown_steps), f"{prefix}_seconds": round(rec.seconds, 4)}
+                else:
+                    logs = {f"{prefix}_steps": float(rec.cooldown_steps), f"{prefix}_failed": 1.0}
+                # the base Trainer's log: a subclass's log (TRL's) would move the main branch's accumulated
+                # metrics into this row
+                Trainer.log(trainer, logs)
         finally:
             self._in_fork = False
             if rng is not None:
@@ -462,20 +475,17 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             for c, saved in flags:
                 for k, v in saved.items():
                     setattr(c, k, v)
-        if keep_cooled and rec.status == "ok" and runner.cooled is not None:
-            self._final_cooled = (rec.step, runner.cooled)
-        report(self, trainer, rec)
-        stream = self._stream
-        if self._data_kind == "peek-stream" and runner.any_rank(stream is not None and stream.moved_in_fork):
-            _stream.uninstall(trainer, self)
-            raise RuntimeError(
-                f"CooldownTrainerCallback: the fork at step {step} drew the main branch's next batches from its "
-                "streaming train_dataset, and producing them drew from the global random number generator (e.g. a "
-                "masking collator or a random crop): those batches now differ from the ones the main branch would "
-                "have trained on, so training stops here (checkpoints saved so far are intact). Use "
-                "ForkPlan(data='fresh') or an iterable of cooldown batches, or draw that randomness in DataLoader "
-                "workers (dataloader_num_workers > 0).")
-        return rec
+        kept = runner.cooled  # final_model="cooled": the last cooldown of this fork point that was saved
+        if keep_cooled and kept is not None:
+            rec = next((r for r in recs if r.label == kept[0] and r.status == "ok"), None)
+            if rec is not None:
+                self._final_cooled = (rec.step, kept[1])
+        for rec in recs:
+            report(self, trainer, rec)
+        if self._data_kind == "peek-stream":
+            _stream.stop_if_disturbed(trainer, self, runner.any_rank, step)
+        return recs[-1]
+
 
 def _plan_to_json(plan: ForkPlan, data_missing: bool = False) -> dict:
     d = plan.to_dict()
