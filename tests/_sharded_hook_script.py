@@ -13,6 +13,9 @@ writes ``OUT/<run>/rank-<r>.pt`` (this rank's shards of the final main branch, f
   writes ``snapshot.json`` (per-rank snapshot bytes of the first fork);
 - ``cpu-fn``: as ``cpu-full`` with a ``save_fn`` that writes each rank's shards to its own file in a
   folder and never calls ``state_dict()`` (which would reshard FSDP2 modules as a side effect);
+- ``ref-zf``, ``cpu-zf``: as ``ref`` and ``cpu-full`` with a loop that zeroes gradients at the start of
+  each step, so they exist at each fork (the fork must not add them to its first update, and the
+  restore must rebuild them: the fork ends with none);
 - ``budget``: a fresh run of 4 + 3 steps with ``WSD.cooled(at=4, ...)``; rank 0 writes its full
   state (``sharding.full_state_dict``) to ``OUT/budget/full.pt``.
 """
@@ -34,8 +37,8 @@ from cooldown_callbacks import sharding  # noqa: E402
 
 SCHED = WSD(warmup_steps=2)
 CD = Cooldown(steps=3, shape="1-sqrt")
-STEPS = 14
-RUNS = {"fsdp2": ("ref", "cpu-full", "disk-dcp", "device-full", "cpu-fn", "budget"),
+STEPS = 12  # the last fork is at the last step: the final state is the restored one (gradients included)
+RUNS = {"fsdp2": ("ref", "cpu-full", "disk-dcp", "device-full", "cpu-fn", "ref-zf", "cpu-zf", "budget"),
         "fsdp1": ("ref", "cpu-full", "disk-dcp", "cpu-fn", "budget")}
 
 
@@ -60,12 +63,13 @@ def run(out: str, kind: str, name: str, rank: int) -> None:
         sd = sharding.full_state_dict(model)
         if rank == 0:
             torch.save(sd, os.path.join(d, "full.pt"))
-    elif name == "ref":
+    elif name.startswith("ref"):
         sched = SCHED.lambda_lr(opt)
-        SL.train(model, opt, loader, STEPS, after_step=lambda t, e: sched.step(), evaluate_at=lambda t: t % 4 == 0)
+        SL.train(model, opt, loader, STEPS, after_step=lambda t, e: sched.step(), evaluate_at=lambda t: t % 4 == 0,
+                 zero_first=name == "ref-zf")
     else:
         storage, fmt = name.split("-")
-        kw = dict(save_format=fmt) if fmt != "fn" else dict(save_fn=save_shards)
+        kw = dict(save_fn=save_shards) if fmt == "fn" else dict(save_format="full" if fmt == "zf" else fmt)
         hook = CooldownHook(model, opt, schedule=SCHED, plan=ForkPlan(every=4, cooldown=CD, data="peek"),
                             loss_fn=SL.loss_fn, eval_fn=SL.eval_fn, train_loader=loader, gradient_accumulation_steps=2,
                             max_grad_norm=0.5, dirpath=os.path.join(d, "cooled"), snapshot_storage=storage,
@@ -80,13 +84,14 @@ def run(out: str, kind: str, name: str, rank: int) -> None:
         hook._Runner.snapshot = snapshot
         try:
             SL.train(model, opt, loader, STEPS, after_step=lambda t, e: hook.step(evaluating=e),
-                     evaluate_at=lambda t: t % 4 == 0)
+                     evaluate_at=lambda t: t % 4 == 0, zero_first=fmt == "zf")
         finally:
             hook._Runner.snapshot = orig
         state = SL.local_state(model, opt)
         local_bytes = sum(v.numel() * v.element_size() for k, v in state.items() if k != "lrs")
-        plain = SL.plain_model()  # the same state unsharded: parameters, two AdamW moments, buffers, steps
-        global_bytes = sum(3 * p.numel() * p.element_size() + 4 for p in plain.parameters()) + \
+        plain = SL.plain_model()  # the same state unsharded: parameters (gradients), two AdamW moments, buffers, steps
+        copies = 4 if any(k.startswith("grad.") for k in state) else 3
+        global_bytes = sum(copies * p.numel() * p.element_size() + 4 for p in plain.parameters()) + \
             sum(b.numel() * b.element_size() for b in plain.buffers())
         got = [None, None]
         dist.all_gather_object(got, {"snapshot": sizes[0], "local": local_bytes, "global": global_bytes})

@@ -101,9 +101,11 @@ def evaluate_main(model):
 
 
 def train(model, opt, loader, steps: int, ga: int = 2, clip: float | None = 0.5, after_step=None,
-          evaluate_at=lambda t: False, start: int = 0, rng: torch.Tensor | None = None):
+          evaluate_at=lambda t: False, start: int = 0, rng: torch.Tensor | None = None, zero_first: bool = False):
     """The user's FSDP loop. ``after_step(t, evaluating)`` after each optimizer step; at steps where
     ``evaluate_at(t)``, the main branch is evaluated first (as users do right before ``hook.step``).
+    ``zero_first``: gradients are zeroed at the start of each step, not after it (so they still exist
+    when ``after_step`` runs).
 
     A resumed run passes ``start`` and the saved ``rng``: it is re-applied after the loader's iterator
     is built (building it draws a seed from the global RNG), so dropout continues bit for bit."""
@@ -116,6 +118,8 @@ def train(model, opt, loader, steps: int, ga: int = 2, clip: float | None = 0.5,
             rng = None
         for batch in it:
             last = (micro + 1) % ga == 0
+            if zero_first and micro % ga == 0:
+                opt.zero_grad()
             if fsdp1:
                 ctx = model.no_sync() if not last else contextlib.nullcontext()
             else:
@@ -131,7 +135,8 @@ def train(model, opt, loader, steps: int, ga: int = 2, clip: float | None = 0.5,
                 elif clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 opt.step()
-                opt.zero_grad()
+                if not zero_first:
+                    opt.zero_grad()
                 t += 1
                 evaluating = evaluate_at(t)
                 if evaluating:
@@ -144,9 +149,10 @@ def train(model, opt, loader, steps: int, ga: int = 2, clip: float | None = 0.5,
 
 
 def local_state(model, opt) -> dict:
-    """This rank's shards of every main-branch tensor: parameters, buffers, optimizer state, LRs."""
+    """This rank's shards of every main-branch tensor: parameters, gradients, buffers, optimizer state, LRs."""
     sharding.reshard([model])  # the shards, not what an evaluation left unsharded
     out = {f"param.{n}": local(p).detach().clone() for n, p in model.named_parameters()}
+    out.update({f"grad.{n}": local(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None})
     out.update({f"buffer.{n}": b.detach().clone() for n, b in model.named_buffers()})
     names = {p: n for n, p in model.named_parameters()}
     for p, st in opt.state.items():

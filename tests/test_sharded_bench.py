@@ -1,7 +1,7 @@
 """The sharded benchmark and the GPU check script, on this CPU machine.
 
 ``benchmarks/gpu_check.py`` needs a GPU for its numbers; here: it exits cleanly without one, and its
-checks run on the CPU (the hook with fp32, fp16 + GradScaler and bf16 autocast; Lightning; the HF
+checks (``benchmarks/_gpu_checks.py``) run on the CPU (the hook with fp32, fp16 + GradScaler and bf16 autocast; Lightning; the HF
 Trainer; the hook with ``fully_shard`` in a one-rank gloo group), so a GPU machine runs tested code.
 ``bench_snapshot.py --sharded --quick`` reports per-rank snapshot bytes equal to the local state.
 """
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import _gpu_checks as checks  # noqa: E402
 import gpu_check  # noqa: E402
 
 
@@ -25,9 +26,9 @@ def test_gpu_check_without_a_gpu_says_so_and_writes_nothing(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("precision", gpu_check.PRECISIONS)
+@pytest.mark.parametrize("precision", checks.PRECISIONS)
 def test_gpu_check_hook_checks_run_on_the_cpu(precision, one_thread):
-    row = gpu_check.check_hook("cpu", precision)
+    row = checks.check_hook("cpu", precision)
     assert row["exact"] and row["forks"] == 3, row
     assert row["tensors"] >= 17 + (precision == "fp16")  # the GradScaler's state is compared too
 
@@ -35,15 +36,15 @@ def test_gpu_check_hook_checks_run_on_the_cpu(precision, one_thread):
 def test_gpu_check_compare_names_what_differs():
     a = {"x": torch.zeros(2), "y": torch.ones(2)}
     b = {"x": torch.zeros(2), "y": torch.tensor([1.0, 2.0])}
-    assert gpu_check.compare("c", a, a)["exact"]
-    row = gpu_check.compare("c", a, b)
+    assert checks.compare("c", a, a)["exact"]
+    row = checks.compare("c", a, b)
     assert not row["exact"] and row["differs"] == ["y"]
-    assert not gpu_check.compare("c", a, {"x": a["x"]})["exact"]
+    assert not checks.compare("c", a, {"x": a["x"]})["exact"]
 
 
 @pytest.mark.slow
 def test_gpu_check_framework_and_sharded_checks_run_on_the_cpu(tmp_path, one_thread):
-    rows = [gpu_check.check_lightning("cpu", "bf16", tmp_path), gpu_check.check_hf("cpu", "fp32", tmp_path)]
+    rows = [checks.check_lightning("cpu", "bf16", tmp_path), checks.check_hf("cpu", "fp32", tmp_path)]
     rows += gpu_check.run_sharded_part(tmp_path, "cpu", ["fp32", "bf16-mp"])
     assert [r["check"] for r in rows] == ["lightning bf16-mixed", "hf fp32", "hook FSDP2 (fp32)", "hook FSDP2 (bf16-mp)"]
     for r in rows:

@@ -20,7 +20,9 @@ from cooldown_callbacks.records import read_records
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent
-FORK_RUNS = {"fsdp2": ("cpu-full", "disk-dcp", "device-full", "cpu-fn"), "fsdp1": ("cpu-full", "disk-dcp", "cpu-fn")}
+FORK_RUNS = {"fsdp2": ("cpu-full", "disk-dcp", "device-full", "cpu-fn", "cpu-zf"),
+             "fsdp1": ("cpu-full", "disk-dcp", "cpu-fn")}
+REFERENCE = {"cpu-zf": "ref-zf"}  # the run without forks that each run is compared with (default "ref")
 CASES = [(kind, run) for kind, runs in FORK_RUNS.items() for run in runs]
 STEPS = (4, 8, 12)
 
@@ -58,12 +60,13 @@ def _plain_model() -> torch.nn.Module:
 def test_every_rank_local_shards_equal_the_run_without_forks(kind_run):
     runs, run = kind_run
     for r in (0, 1):
-        ref = torch.load(runs / "ref" / f"rank-{r}.pt")
+        ref = torch.load(runs / REFERENCE.get(run, "ref") / f"rank-{r}.pt")
         got = torch.load(runs / run / f"rank-{r}.pt")
         assert ref.keys() == got.keys()
         assert any(k.startswith("opt.") and k.endswith("exp_avg") for k in ref)  # optimizer state is compared too
         bad = [k for k in ref if not torch.equal(ref[k], got[k])]
         assert not bad, f"{run}, rank {r}: differs from the run without forks: {bad}"
+        assert any(k.startswith("grad.") for k in ref) == (run == "cpu-zf")  # gradients are compared too there
 
 
 def test_fsdp2_shards_are_uneven(tmp_path_factory):
@@ -76,7 +79,7 @@ def test_forks_are_recorded_with_their_checkpoints_and_nothing_else(kind_run):
     cooled = runs / run / "cooled"
     recs = read_records(cooled)
     assert [(r["step"], r["status"]) for r in recs] == [(s, "ok") for s in STEPS]
-    suffix = ".pt" if run.endswith("full") else ""  # a DCP folder, or the folder the user's save_fn wrote
+    suffix = "" if run.endswith(("dcp", "fn")) else ".pt"  # a DCP folder, or the folder the user's save_fn wrote
     names = [f"cooled-step={s:08d}-cd=3{suffix}" for s in STEPS]
     assert [Path(r["checkpoint"]).name for r in recs] == names
     assert sorted(p.name for p in cooled.iterdir()) == sorted(names + ["forks.jsonl"])  # no temporaries
@@ -84,11 +87,14 @@ def test_forks_are_recorded_with_their_checkpoints_and_nothing_else(kind_run):
 
 def test_cooled_model_equals_a_fixed_budget_run_and_loads_into_the_plain_model(runs):
     budget = torch.load(runs / "budget" / "full.pt")
-    cooled = torch.load(runs / "cpu-full" / "cooled" / "cooled-step=00000004-cd=3.pt")
-    assert cooled.keys() == budget.keys()
-    assert all(not v.is_meta and type(v) is torch.Tensor for v in cooled.values())  # plain, full tensors
-    bad = [k for k in budget if not torch.equal(budget[k], cooled[k])]
-    assert not bad, f"cooled model differs from the fixed-budget run: {bad}"
+    for run in ("cpu-full", "cpu-zf"):  # gradients zeroed after or before each step: the same training
+        if not (runs / run).exists():
+            continue
+        cooled = torch.load(runs / run / "cooled" / "cooled-step=00000004-cd=3.pt")
+        assert cooled.keys() == budget.keys()
+        assert all(not v.is_meta and type(v) is torch.Tensor for v in cooled.values())  # plain, full tensors
+        bad = [k for k in budget if not torch.equal(budget[k], cooled[k])]
+        assert not bad, f"{run}: cooled model differs from the fixed-budget run: {bad}"
     model = _plain_model()
     model.load_state_dict(torch.load(runs / "cpu-full" / "cooled" / "cooled-step=00000012-cd=3.pt"))
     if (runs / "device-full").exists():

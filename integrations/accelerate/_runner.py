@@ -68,6 +68,11 @@ class _HookRunner:
             gs.__dict__["_dataloader_references_ref"] = [None]  # no active main loader inside the fork
             h.accelerator.step = 0
         h.model.train()
+        # A loop that zeroes gradients at the start of a step still holds the last step's gradients here: the
+        # first cooldown update must not add them in (the snapshot puts them back for the main branch).
+        # A DeepSpeed engine owns its gradients (zeroed in its step).
+        if h._ds_engine is None:
+            h.model.zero_grad(set_to_none=True)
 
     def train_step(self, lrs: Sequence[float]) -> float | None:
         h = self.h
