@@ -93,7 +93,8 @@ class _TrainerRunner:
         if cb._data_kind == "peek-stream":
             moved = cb._stream.rng_moved_at if cb._stream is not None else None
             if self.any_rank(moved is not None):
-                raise ForkError(_RNG_STREAM.format(where=f"at step {moved}" if moved is not None else "on another rank"))
+                where = f"at step {moved}" if moved is not None else "on another rank"
+                raise ForkError(_RNG_STREAM.format(where=where))
         self._groups = _cooldown_groups(cb, t, step, self.any_rank)
 
     def train_step(self, lrs: Sequence[float]) -> float | None:

@@ -76,10 +76,10 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
         verbose: print one line per fork on the main process (through the progress bar).
         final_model: ``"main"`` (default) leaves the Trainer's model as the main branch at the end of
-            ``train()``. ``"cooled"`` (needs ``ForkPlan(at_end=True)``) loads the cooled final model (the
-            fork at the last step) into ``trainer.model`` when training ends, so what a script does after
-            ``train()`` - ``trainer.save_model()``, the final ``trainer.evaluate()``, the model card -
-            describes the cooled model. The main branch's weights stay in the Trainer's last checkpoint
+            ``train()``. ``"cooled"`` (needs ``ForkPlan(at_end=True)``) loads the cooled final model (the fork
+            at the last step; its last cooldown in the plan's order) into ``trainer.model`` when training ends,
+            so what a script does after ``train()`` - ``trainer.save_model()``, the final ``evaluate()``, the
+            model card - describes the cooled model. The main branch's weights stay in the Trainer's last checkpoint
             (resume from it to train on; with ``save_strategy="no"`` there is none, which is warned about).
             A copy of the cooled weights (this rank's shards under FSDP) is held in CPU memory from the final
             fork until then. Not with ``load_best_model_at_end=True`` (two different final models).
