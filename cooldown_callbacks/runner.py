@@ -89,14 +89,26 @@ def save_cooled(runner: ForkRunner, path: Path, is_global_zero: bool) -> None:
     try:
         runner.save(tmp)
         runner.barrier()
+        error: BaseException | None = None
         if is_global_zero:
-            if not tmp.exists():
-                from .engine import ForkError  # its home (the name users catch); engine imports this module
+            try:
+                if not tmp.exists():
+                    from .engine import ForkError  # its home (the name users catch); engine imports this module
 
-                raise ForkError(f"the cooled checkpoint was not written to {tmp}")
-            fsync_path(tmp)
-            replace_path(tmp, path)
-            fsync_path(path.parent, files=False)
+                    raise ForkError(f"the cooled checkpoint was not written to {tmp}")
+                fsync_path(tmp)
+                replace_path(tmp, path)
+                fsync_path(path.parent, files=False)
+            except Exception as e:  # noqa: BLE001 - every rank learns of it below, then all raise
+                error = e
+        # One decision for all ranks (a collective, so it is also the final barrier): a failure seen
+        # by rank zero alone must not leave it going on while the others wait for it.
+        if runner.any_rank(error is not None):
+            if error is not None:
+                raise error
+            from .engine import ForkError
+
+            raise ForkError("the cooled checkpoint could not be put in place on rank 0 (see its records)")
     except BaseException:
         if is_global_zero:
             try:
@@ -104,4 +116,3 @@ def save_cooled(runner: ForkRunner, path: Path, is_global_zero: bool) -> None:
             except OSError:
                 pass
         raise
-    runner.barrier()

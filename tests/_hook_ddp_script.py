@@ -1,6 +1,7 @@
 """Run under ``torchrun --nproc_per_node 2``: a DDP loop with or without forks.
 
-argv: OUT_DIR MODE ; MODE is forks|none|fail (plain PyTorch DDP) or accel-forks|accel-none (an
+argv: OUT_DIR MODE ; MODE is forks|none|fail|nosave0 (plain PyTorch DDP; nosave0: a save_fn that
+writes nothing on rank 0) or accel-forks|accel-none (an
 Accelerate loop: prepared model, optimizer and loader, ``accelerator.accumulate``);
 writes rank-<r>.pt with the final main-branch state.
 """
@@ -68,9 +69,13 @@ def main() -> None:
             t = torch.tensor([eval_fn(m)["val_loss"]])
             dist.all_reduce(t)
             return {"val_loss": t.item() / dist.get_world_size()}
+        def save_fn(m, path):
+            if rank != 0:  # a user save that only some ranks carry out: rank 0 finds no checkpoint
+                torch.save(m.module.state_dict(), str(path) + ".rank1")
         hook = CooldownHook(model, opt, schedule=sched, plan=ForkPlan(every=5, cooldown=Cooldown(steps=3), data="fresh"),
                             loss_fn=loss_fn, eval_fn=ev, train_loader=loader, gradient_accumulation_steps=2,
-                            max_grad_norm=0.5, dirpath=os.path.join(out, "cooled"), verbose=rank == 0)
+                            max_grad_norm=0.5, dirpath=os.path.join(out, "cooled"), verbose=rank == 0,
+                            save_fn=save_fn if mode == "nosave0" else None)
         train(model, opt, loader, 16, ga=2, after_step=hook.step)
     torch.save(full_state(model.module, opt), os.path.join(out, f"rank-{rank}.pt"))
     dist.barrier()

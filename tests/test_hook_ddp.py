@@ -44,3 +44,16 @@ def test_failure_on_one_rank_fails_all_ranks_promptly(tmp_path):
     assert res.returncode != 0
     assert "injected failure" in res.stderr and "on rank 1 of 2" in res.stderr
     assert not list((tmp_path / "fail" / "cooled").glob("cooled-*"))  # nothing under a final name
+
+
+def test_a_save_failure_seen_by_rank_zero_alone_fails_the_fork_on_every_rank(tmp_path):
+    """Rank 0 finds no checkpoint to rename: every rank records the fork failed and goes on in step (no hang)."""
+    ref = torchrun(tmp_path / "ref", "none")
+    got = torchrun(tmp_path / "nosave0", "nosave0", timeout=90)
+    assert got.returncode == 0, got.stderr[-3000:]
+    for r in range(2):
+        assert_equal_states(torch.load(tmp_path / "ref" / f"rank-{r}.pt"), torch.load(tmp_path / "nosave0" / f"rank-{r}.pt"))
+    recs = read_records(tmp_path / "nosave0" / "cooled")
+    assert [x["step"] for x in recs] == [5, 10, 15]
+    assert all(x["status"] == "failed" and "was not written to" in x["error"] and not x["checkpoint"] for x in recs)
+    assert not list((tmp_path / "nosave0" / "cooled").glob("cooled-*.pt"))
