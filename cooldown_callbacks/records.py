@@ -11,9 +11,12 @@ Every fork appends one JSON object per line (one per cooldown) to ``<dirpath>/fo
 ``cooldown_steps`` = c has trained for **T = S + c** optimizer steps: that is its budget, the step
 of a fixed-budget run it equals, and the one convention for a budget: the command line's ``report``
 (column ``total``, plots) and :func:`~cooldown_callbacks.budget.fit_budget_curve` use T = S + c.
-``step`` itself is where the main branch was when it forked; a logger that shows cooled metrics
-beside the main branch's (e.g. at the step of the main validation they were forked at) is on the
-main branch's axis S, not on the budget axis.
+``step`` itself is where the main branch was when it forked. The adapters log cooled metrics to the
+host's loggers (TensorBoard, W&B, CSV, HF ``log_history``) at S, on the same row as the main
+branch's evaluation they were forked at, for two reasons: that row compares the two branches at one
+point of the run, and loggers such as W&B drop a value logged at a step below one already logged
+(S + c would be ahead of the main branch's next rows). So a logger's x-axis is the main branch's
+step S; the budget of each cooled value is S + c, which ``report`` and the fit use.
 
 ``status`` is ``"ok"``, ``"failed"`` (then ``error`` says why) or ``"skipped"`` (``ForkPlan(max_overhead=...)``
 did not let the fork run; ``reason`` says why; no checkpoint). ``label`` tells the cooldowns of one

@@ -68,6 +68,23 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ValueError(f"Invalid {name} ({value}): must be an integer >= {minimum}.")
 
 
+def _as_steps(name: str, value: object, minimum: int) -> int:
+    """A step count as an ``int``; an integral float (``20.0``) is accepted, ``20.5`` is refused.
+
+    transformers 5 types ``TrainingArguments.warmup_steps`` as a float, so
+    ``WSD(warmup_steps=training_args.warmup_steps)`` must work.
+    """
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    _check_int(name, value, minimum)
+    return int(value)  # type: ignore[call-overload]
+
+
+def _steps_field(obj: object, name: str, minimum: int, label: str | None = None) -> None:
+    """Check a step-count field of a frozen dataclass and store it as an ``int``."""
+    object.__setattr__(obj, name, _as_steps(label or name, getattr(obj, name), minimum))
+
+
 def _check_ratio(name: str, value: object, *, low: float = 0.0, high: float = 1.0, open_low: bool = False,
                  open_high: bool = False) -> None:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
@@ -168,7 +185,7 @@ class WSD(Schedule):
     warmup_start: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_int("warmup_steps", self.warmup_steps, 0)
+        _steps_field(self, "warmup_steps", 0)
         check_warmup_shape(self.warmup_shape)
         _check_ratio("warmup_start", self.warmup_start)
 
@@ -198,9 +215,9 @@ class RSqrt(Schedule):
     warmup_start: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_int("warmup_steps", self.warmup_steps, 0)
+        _steps_field(self, "warmup_steps", 0)
         if self.timescale is not None:
-            _check_int("timescale", self.timescale, 1)
+            _steps_field(self, "timescale", 1)
         check_warmup_shape(self.warmup_shape)
         _check_ratio("warmup_start", self.warmup_start)
 
@@ -225,7 +242,7 @@ class Noam(Schedule):
     warmup_steps: int = 4000
 
     def __post_init__(self) -> None:
-        _check_int("warmup_steps", self.warmup_steps, 1)
+        _steps_field(self, "warmup_steps", 1)
 
     def __call__(self, t: int) -> float:
         if t <= 0:
@@ -264,7 +281,7 @@ class Cooldown:
                 "steps (a number of optimizer steps) or fraction (of the cooled run's length)."
             )
         if self.steps is not None:
-            _check_int("Cooldown steps", self.steps, 1)
+            _steps_field(self, "steps", 1, "Cooldown steps")
         if self.fraction is not None:
             _check_ratio("Cooldown fraction", self.fraction, open_low=True, open_high=True)
         check_decay_shape(self.shape, "Cooldown shape")
@@ -397,8 +414,7 @@ def cosine(total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0, wa
 
     Equals transformers' ``get_cosine_schedule_with_warmup`` for ``t < total_steps``.
     """
-    _check_int("total_steps", total_steps, 1)
-    _check_int("warmup_steps", warmup_steps, 0)
+    total_steps, warmup_steps = _as_steps("total_steps", total_steps, 1), _as_steps("warmup_steps", warmup_steps, 0)
     if warmup_steps >= total_steps:
         raise ValueError(f"Invalid warmup_steps ({warmup_steps}): must be < total_steps ({total_steps}).")
     return WSD(warmup_steps, warmup_shape).cooled(
@@ -410,8 +426,7 @@ def linear(total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.0, wa
 
     Equals transformers' ``get_linear_schedule_with_warmup`` for ``final_ratio = 0``.
     """
-    _check_int("total_steps", total_steps, 1)
-    _check_int("warmup_steps", warmup_steps, 0)
+    total_steps, warmup_steps = _as_steps("total_steps", total_steps, 1), _as_steps("warmup_steps", warmup_steps, 0)
     if warmup_steps >= total_steps:
         raise ValueError(f"Invalid warmup_steps ({warmup_steps}): must be < total_steps ({total_steps}).")
     return WSD(warmup_steps, warmup_shape).cooled(

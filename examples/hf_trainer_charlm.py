@@ -10,7 +10,8 @@ Everything is offline: the text is read from the local standard library, the byt
 is built here (ids are byte values), and the model is built from a ``GPT2Config``. Each cooled model
 is saved in ``<output-dir>/cooldowns/cooled-step=<S>-cd=<c>`` with its tokenizer and loads with
 ``AutoModelForCausalLM.from_pretrained``; ``<output-dir>/cooldowns/forks.jsonl`` holds the records
-(``cooldown-callbacks report <output-dir>/cooldowns`` plots them).
+(``cooldown-callbacks report <output-dir>/cooldowns`` plots them). Those records belong to one run: a
+second run into the same ``--output-dir`` stops before its first step; give it a new one.
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     targs = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, eval_strategy="steps", eval_steps=args.eval_steps,
         logging_steps=args.eval_steps, save_strategy="no", per_device_train_batch_size=args.batch_size,
+        lr_scheduler_type="constant",  # the callback's WSD schedule drives the LR (it replaces this one)
         per_device_eval_batch_size=64, learning_rate=args.lr, weight_decay=0.1, adam_beta2=0.95, max_grad_norm=1.0,
         report_to="none", disable_tqdm=True, dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,

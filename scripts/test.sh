@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import cooldown_callbacks, lightning, transformers, accelerate, deepspeed, torchdata, hypothesis, matplotlib" 2>/dev/null \
+if ! "$VENV/bin/python" -c "import cooldown_callbacks, lightning, transformers, accelerate, deepspeed, torchdata, hypothesis, matplotlib, trl" 2>/dev/null \
    || [ pyproject.toml -nt "$VENV/.installed" ] || [ .ci/constraints.txt -nt "$VENV/.installed" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"

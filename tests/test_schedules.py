@@ -1,6 +1,7 @@
 """Schedule core: equality with transformers' helpers, composition, serialisation, validation."""
 
 import itertools
+import json
 import math
 import pickle
 
@@ -189,3 +190,15 @@ def test_schedules_are_finite_and_nonnegative_over_long_horizons():
     for s in [WSD(100), RSqrt(100), RSqrt(0), Noam(10), cosine(1000, 10, 0.1)]:
         vals = s.values(20_000)
         assert all(math.isfinite(v) and v >= 0 for v in vals)
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda: WSD(20.0), WSD(20)),  # transformers 5: TrainingArguments.warmup_steps is a float
+    (lambda: RSqrt(4.0, timescale=8.0), RSqrt(4, timescale=8)),
+    (lambda: Noam(10.0), Noam(10)),
+    (lambda: Cooldown(steps=3.0), Cooldown(steps=3)),
+    (lambda: cosine(10.0, 2.0), cosine(10, 2)),
+])
+def test_integral_float_step_counts_are_accepted_as_ints(make, expected):
+    s = make()  # stored as ints: the JSON config (checkpoints, records) says 20, not 20.0
+    assert s == expected and json.dumps(s.to_dict()) == json.dumps(expected.to_dict())

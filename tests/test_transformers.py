@@ -87,7 +87,7 @@ def train(out, callbacks=(), trainer_cls=Trainer, dropout=0.1, resume=None, trai
 
 
 def cb(plan=PLAN, schedule=WSD(warmup_steps=W), **kw) -> CooldownTrainerCallback:
-    return CooldownTrainerCallback(schedule=schedule, plan=plan, verbose=False, **kw)
+    return CooldownTrainerCallback(schedule=schedule, plan=plan, **{"verbose": False, **kw})
 
 
 def main_log(t: Trainer, after: int = 0) -> list:

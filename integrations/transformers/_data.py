@@ -1,9 +1,10 @@
-"""Cooldown batches for the HF adapter: replaying the main branch's sampler (peek), or a separate loader."""
+"""Cooldown batches for the HF adapter: the main branch's upcoming batches (a replayed sampler, or drawn from a
+stream and handed back), a separate loader, or the user's own."""
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, IterableDataset, SequentialSampler
@@ -11,6 +12,9 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from cooldown_callbacks.data import cooldown_batches
+from cooldown_callbacks.engine import ForkError
+
+from ._stream import StreamEnded
 
 if TYPE_CHECKING:
     from .callback import CooldownTrainerCallback
@@ -45,26 +49,66 @@ def _replayable(loader: Any) -> bool:
     return isinstance(sampler, (SeedableRandomSampler, SequentialSampler, DistributedSampler))
 
 
+# How a fork gets its batches (``cb._data_kind``) and what its record says (``ForkRecord.data``).
+DATA_SOURCES = {
+    "peek": "peek",  # the main branch's upcoming batches, replayed from a copy of its sampler
+    "peek-stream": "peek",  # the main branch's upcoming batches, drawn from its epoch iterator and handed back
+    "fresh": "fresh",  # a separate seeded loader over train_dataset
+    "fresh-stream": "fresh (stream restarted from its beginning)",
+    "iterable": "iterable",
+    "callable": "callable",
+}
+
+
+def _is_stream(trainer: Trainer, loader: Any) -> bool:
+    dataset = getattr(loader, "dataset", None)
+    return isinstance(dataset if dataset is not None else trainer.train_dataset, IterableDataset)
+
+
 def _data_kind(data: Any, trainer: Trainer, loader: Any) -> str:
+    """Resolve ``ForkPlan(data=...)`` for this Trainer (a key of :data:`DATA_SOURCES`), before the first step.
+
+    ``"auto"`` and ``"peek"`` always mean the main branch's upcoming batches: replayed for a map-style
+    dataset whose order can be replayed, drawn from the epoch iterator and handed back for a stream.
+    ``"auto"`` falls back to ``"fresh"`` only for a map-style dataset whose order cannot be replayed
+    (with a warning); a stream is restarted from its beginning only under ``data="fresh"`` (with a
+    warning too).
+    """
     if not isinstance(data, str):
-        return "stream"
+        return "callable" if callable(data) and not isinstance(data, Iterable) else "iterable"
+    stream = _is_stream(trainer, loader)
+    if data in ("peek", "auto") and stream:
+        if loader is None:
+            raise ValueError(f"Invalid plan: ForkPlan(data={data!r}) needs the Trainer's training loader.")
+        return "peek-stream"
     if data == "peek" and not _replayable(loader):
         raise ValueError("Invalid plan: ForkPlan(data='peek') needs a map-style train_dataset whose order depends only "
                          "on the seed and epoch (the Trainer's default sampler with use_seedable_sampler=True, "
-                         "train_sampling_strategy='sequential', or a DistributedSampler); use data='fresh' or an "
-                         "iterable of batches.")
+                         "train_sampling_strategy='sequential', or a DistributedSampler) or a streaming one; use "
+                         "data='fresh' or an iterable of batches.")
     if data == "auto":
         data = "peek" if _replayable(loader) else "fresh"
         if data == "fresh":
-            logger.info("CooldownTrainerCallback: the training order cannot be replayed; cooldowns use a separate "
-                        "seeded loader (ForkPlan(data='fresh')).")
+            logger.warning("CooldownTrainerCallback: the training order cannot be replayed (e.g. "
+                           "train_sampling_strategy='group_by_length' or a custom sampler), so cooldowns do not see "
+                           "the main branch's upcoming batches: they use a separate loader over train_dataset with "
+                           "its own seeded sampler (ForkPlan(data='fresh'); pass it to silence this warning). The "
+                           "records say data='fresh'.")
     if data == "fresh" and (trainer.train_dataset is None or loader is None):
         raise ValueError("Invalid plan: ForkPlan(data='fresh') needs the Trainer's train_dataset; or pass an "
                          "iterable of batches.")
+    if data == "fresh" and stream:
+        logger.warning("CooldownTrainerCallback: ForkPlan(data='fresh') on a streaming train_dataset restarts the "
+                       "stream from its beginning for every cooldown: the forks cool on batches the main branch has "
+                       "already trained on (and, if the stream's iterators share a read position, take batches from "
+                       "the main branch). data='auto' cools on the main branch's upcoming batches instead. The records "
+                       "say data='fresh (stream restarted from its beginning)'.")
+        return "fresh-stream"
     return data
 
 
-def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int) -> Iterator[list]:
+def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int,
+                     any_rank: Callable[[bool], bool] = bool) -> Iterator[list]:
     """Endless iterator of micro-batch groups, one group per cooldown optimizer step."""
     args = trainer.args
     ga = args.gradient_accumulation_steps
@@ -72,7 +116,9 @@ def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int) -
     kind = cb._data_kind
     if kind == "peek":
         return _peek_groups(loader, step, ga)
-    if kind == "fresh":
+    if kind == "peek-stream":
+        return _stream_groups(cb, ga, any_rank)
+    if kind in ("fresh", "fresh-stream"):
         chain, _ = _sampler_chain(loader)
         bs = next((getattr(b, "batch_size", None) for b in reversed(chain) if getattr(b, "batch_size", None)), None)
         template = DataLoader(trainer.train_dataset, batch_size=bs or args.train_batch_size,
@@ -83,6 +129,29 @@ def _cooldown_groups(cb: CooldownTrainerCallback, trainer: Trainer, step: int) -
         it = cooldown_batches(cb.plan.data, step=step, seed=cb.plan.seed, rank=args.process_index,
                               world_size=args.world_size)
     return ([next(it) for _ in range(ga)] for _ in iter(int, 1))
+
+
+def _stream_groups(cb: CooldownTrainerCallback, ga: int, any_rank: Callable[[bool], bool]) -> Iterator[list]:
+    """The main branch's next batches, ``ga`` per cooldown step, drawn from its epoch iterator and
+    handed back to it (see :mod:`._stream`). Every rank agrees before each draw that no rank's stream
+    has ended, so all ranks stop at the same draw (no rank is left in a cooldown step's collectives)."""
+    stream = cb._stream
+    if stream is None:
+        raise RuntimeError("the main branch's epoch iterator was not seen (Trainer.get_batch_samples was not called)")
+    done = 0
+    while True:
+        group = []
+        for _ in range(ga):
+            if any_rank(stream.at_end):
+                raise ForkError(f"the training stream has no batch left in this pass: it ended after {done} cooldown "
+                                "step(s); what the fork read was handed back to the main branch. Fork earlier in the "
+                                "pass, or give ForkPlan(data=<iterable>).")
+            try:
+                group.append(stream.draw_ahead())
+            except StreamEnded as e:
+                raise ForkError(f"{e}: it ended after {done} cooldown step(s)") from None
+        yield group
+        done += 1
 
 
 def _peek_groups(loader: Any, step: int, ga: int) -> Iterator[list]:

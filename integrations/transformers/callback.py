@@ -8,7 +8,7 @@ import inspect
 import os
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -23,16 +23,21 @@ from cooldown_callbacks.schedules import Schedule, schedule_from_dict
 from cooldown_callbacks.sharding import SAVE_FORMATS
 from cooldown_callbacks.snapshot import STORAGES, capture_rng, restore_rng
 
+from . import _stream
+from ._checks import (DECAYING_SCHEDULERS, check_fsdp, check_launch, check_siblings, claim_dirpath, note_schedule,
+                      scheduler_name)
 from ._data import _data_kind
+from ._outputs import end_on_cooled, report, restored_record, write
 from ._runner import _TrainerRunner, _holds
 
-__all__ = ["CooldownTrainerCallback"]
+__all__ = ["CooldownTrainerCallback", "FINAL_MODELS", "TRL_ATTRIBUTES"]
 
 logger = logging.get_logger("cooldown_callbacks.integrations.transformers")
 
 _RESERVED_PREFIXES = ("eval", "train", "test")
-_DECAYING_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cosine_with_min_lr",
-                        "cosine_warmup_with_min_lr")
+FINAL_MODELS = ("main", "cooled")
+# What TRL's trainers accumulate between logging steps (SFTTrainer: in compute_loss), put back after each fork.
+TRL_ATTRIBUTES = ("_metrics", "_total_train_tokens")
 # The callback the user passed to a Trainer, kept so a callback that the Trainer re-creates from a
 # checkpoint (restore_callback_states_from_checkpoint=True) can take back what JSON cannot store.
 _ORIGINALS: "weakref.WeakKeyDictionary[Trainer, CooldownTrainerCallback]" = weakref.WeakKeyDictionary()
@@ -69,7 +74,20 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             the main process); ``"dcp"``: a folder of ``torch.distributed.checkpoint`` shards written by
             every rank (for models too large to gather; convert with
             ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``).
-        verbose: print one line per fork on the main process.
+        verbose: print one line per fork on the main process (through the progress bar).
+        final_model: ``"main"`` (default) leaves the Trainer's model as the main branch at the end of
+            ``train()``. ``"cooled"`` (needs ``ForkPlan(at_end=True)``) loads the cooled final model (the fork
+            at the last step; its last cooldown in the plan's order) into ``trainer.model`` when training ends,
+            so what a script does after ``train()`` - ``trainer.save_model()``, the final ``evaluate()``, the
+            model card - describes the cooled model. The main branch's weights stay in the Trainer's last checkpoint
+            (resume from it to train on; with ``save_strategy="no"`` there is none, which is warned about).
+            A copy of the cooled weights (this rank's shards under FSDP) is held in CPU memory from the final
+            fork until then. Not with ``load_best_model_at_end=True`` (two different final models).
+        trainer_attributes: attributes of the Trainer (subclass) that its ``compute_loss`` or
+            ``training_step`` accumulates, e.g. metrics for its logs: each is deep-copied before a fork and
+            put back after, so the fork's steps never reach the main branch's logs. Default ``None``:
+            TRL's ``_metrics`` and ``_total_train_tokens`` (:data:`TRL_ATTRIBUTES`) where the Trainer has
+            them. Give ``()`` to keep none, or your own names (each must exist at train start).
 
     Attributes:
         records: one dict per fork (the JSON-lines records).
@@ -100,6 +118,8 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         snapshot_storage: str = "cpu",
         save_format: str = "full",
         verbose: bool = True,
+        final_model: Literal["main", "cooled"] = "main",
+        trainer_attributes: Sequence[str] | None = None,
     ) -> None:
         if isinstance(schedule, dict):
             schedule = schedule_from_dict(schedule)
@@ -124,6 +144,17 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             raise ValueError(f"Invalid snapshot_storage ({snapshot_storage!r}): choose one of {STORAGES}.")
         if save_format not in SAVE_FORMATS:
             raise ValueError(f"Invalid save_format ({save_format!r}): choose one of {SAVE_FORMATS}.")
+        if final_model not in FINAL_MODELS:
+            raise ValueError(f"Invalid final_model ({final_model!r}): choose one of {FINAL_MODELS}.")
+        if final_model == "cooled" and not plan.at_end:
+            raise ValueError("Invalid final_model ('cooled'): it loads the cooled final model at the end of training, "
+                             "which ForkPlan(at_end=True) creates; add at_end=True to the plan.")
+        if trainer_attributes is not None:
+            if isinstance(trainer_attributes, str) or not all(isinstance(n, str) and n.isidentifier()
+                                                              for n in trainer_attributes):
+                raise ValueError(f"Invalid trainer_attributes ({trainer_attributes!r}): must be a list of attribute "
+                                 "names, e.g. ['_metrics'].")
+            trainer_attributes = tuple(trainer_attributes)
         if dirpath is not None:
             check_writable_dir(dirpath, "dirpath")
         ForkEngine(plan, schedule, "." if dirpath is None else dirpath, filename=filename)  # validates filename
@@ -135,7 +166,12 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         self.snapshot_storage = snapshot_storage
         self.save_format = save_format
         self.verbose = bool(verbose)
+        self.final_model = final_model
+        self.trainer_attributes = trainer_attributes
         self._engine: ForkEngine | None = None
+        self._stream: _stream.MainStream | None = None
+        self._warned_scheduler = False
+        self._final_cooled: tuple[int, list] | None = None
         self._pending_state: dict | None = None
         self._trainer_ref: weakref.ref | None = None
         self._in_fork = False
@@ -198,6 +234,8 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
                 "snapshot_storage": self.snapshot_storage,
                 "save_format": self.save_format,
                 "verbose": self.verbose,
+                "final_model": self.final_model,
+                "trainer_attributes": list(self.trainer_attributes) if self.trainer_attributes is not None else None,
             },
             "attributes": {"fork_state": self.fork_state},
         }
@@ -234,6 +272,8 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # The main branch's evaluation at a fork step goes into that fork's record (with what a subclass's log
+        # adds to it, e.g. TRL's eval_entropy): main eval_<name> pairs with the cooled <prefix>_<name>.
         if self._engine is None or self._in_fork or not metrics:
             return control
         step = self._eval_record_step.get(state.global_step)
@@ -251,11 +291,15 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        # Last resort for ForkPlan(at_end=True): a stop no earlier event saw.
-        if self._engine is not None and self._should_fork_at_end(state.global_step, True):
-            trainer = self.trainer
-            if trainer is not None:
-                self._run(trainer, control, state.global_step)
+        trainer = self.trainer
+        if self._engine is not None and trainer is not None:
+            # Last resort for ForkPlan(at_end=True): a stop no earlier event saw.
+            if self._should_fork_at_end(state.global_step, True):
+                self._run(trainer, control, state.global_step, keep_cooled=self.final_model == "cooled")
+            if self.final_model == "cooled":
+                end_on_cooled(self, trainer, state.global_step)
+        if trainer is not None:
+            _stream.uninstall(trainer, self)
         return control
 
     # -- setup -------------------------------------------------------------------------------
@@ -280,7 +324,10 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
     def _setup(self, trainer: Trainer, args: Any, state: Any) -> None:
         if getattr(trainer, "is_deepspeed_enabled", False):  # ZeRO-0/1/2 exact; ZeRO-3 and offload refused
             sharding.check_zero(trainer.model_wrapped, "CooldownTrainerCallback")
-        _check_fsdp(trainer, args)
+        check_fsdp(trainer, args)
+        check_launch(trainer)
+        dirpath = Path(self.dirpath) if self.dirpath is not None else Path(args.output_dir) / "cooldowns"
+        check_siblings(self, trainer)
         if trainer.eval_dataset is None:
             raise ValueError("CooldownTrainerCallback needs eval_dataset=... on the Trainer: every cooled model is "
                              "evaluated with trainer.evaluate().")
@@ -300,10 +347,20 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         if plan.mode == "continue" and plan.on_eval and strategy != "steps":
             raise ValueError("Invalid plan: ForkPlan(mode='continue', on_eval=True) needs eval_strategy='steps' so the "
                              "cooldowns can end at each evaluation; or give every=/at=.")
+        if self.final_model == "cooled" and args.load_best_model_at_end:
+            raise ValueError("Invalid final_model ('cooled') with load_best_model_at_end=True: the Trainer would end "
+                             "on two different models; choose one.")
+        if self.final_model == "cooled" and scheduler_name(args.save_strategy) == "no":
+            logger.warning("CooldownTrainerCallback(final_model='cooled') with save_strategy='no': train() ends on the "
+                           "cooled model and the main branch's final weights are saved nowhere (no checkpoint to "
+                           "resume the main branch from). Set save_strategy='steps' to keep them.")
+        missing = [n for n in (self.trainer_attributes or ()) if not hasattr(trainer, n)]
+        if missing:
+            raise ValueError(f"Invalid trainer_attributes ({list(self.trainer_attributes)!r}): the "
+                             f"{type(trainer).__name__} has no attribute {missing[0]!r}.")
         loader = getattr(trainer.callback_handler, "train_dataloader", None)
         self._data_kind = _data_kind(plan.data, trainer, loader)
         is_zero = trainer.is_world_process_zero()
-        dirpath = Path(self.dirpath) if self.dirpath is not None else Path(args.output_dir) / "cooldowns"
         if is_zero:
             check_writable_dir(dirpath, "dirpath")
         eval_every = state.eval_steps if strategy == "steps" else None
@@ -312,21 +369,33 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         resumed = self._resumed_state(trainer, state)
         if resumed:
             engine.load_state_dict(resumed)
+        claim_dirpath(self, trainer, engine)  # a fresh run never writes over another run's cooled models
         self._engine = engine
         self._pending_state = None
         self._eval_record_step = {}
+        self._final_cooled = None
         cost = engine.cost_line(state.max_steps, eval_every)
         if cost is not None:
             logger.info(f"CooldownTrainerCallback: {cost}")
             if self.verbose and is_zero:
-                print(f"[cooldown] {cost}", flush=True)
+                write(trainer, f"[cooldown] {cost}")
         if self.schedule is not None:
-            self._drive_lr(trainer, state.global_step)
-        elif str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)) in _DECAYING_SCHEDULERS:
+            self._drive_lr(trainer, state)
+        elif scheduler_name(args.lr_scheduler_type) in DECAYING_SCHEDULERS:
             logger.warning(f"CooldownTrainerCallback(schedule=None) keeps lr_scheduler_type="
-                           f"'{args.lr_scheduler_type}', which decays to max_steps: the main branch is not an "
-                           "indefinite run. Pass schedule=WSD(...) or RSqrt(...), or use 'constant_with_warmup', "
-                           "'inverse_sqrt' or 'warmup_stable_decay'.")
+                           f"'{scheduler_name(args.lr_scheduler_type)}', which decays to max_steps: the main branch "
+                           "is not an indefinite run. Pass schedule=WSD(...) or RSqrt(...), or use "
+                           "'constant_with_warmup', 'inverse_sqrt' or 'warmup_stable_decay'.")
+        if self._data_kind == "peek-stream":
+            _stream.install(trainer, self)
+        else:
+            _stream.uninstall(trainer, self)
+
+    def _isolated_attributes(self, trainer: Trainer) -> list[str]:
+        """Trainer attributes a fork deep-copies and puts back (``trainer_attributes``)."""
+        if self.trainer_attributes is not None:
+            return list(self.trainer_attributes)
+        return [n for n in TRL_ATTRIBUTES if hasattr(trainer, n)]
 
     def _resumed_state(self, trainer: Trainer, state: Any) -> dict | None:
         if self._pending_state is not None:  # re-created from the checkpoint by the Trainer
@@ -342,14 +411,11 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             return (saved.get("attributes") or {}).get("fork_state")
         return None
 
-    def _drive_lr(self, trainer: Trainer, step: int) -> None:
-        """Replace the Trainer's scheduler by ``LambdaLR(schedule)`` positioned at ``step``."""
-        args = trainer.args
-        if getattr(args, "warmup_steps", 0) or getattr(args, "warmup_ratio", 0):
-            logger.warning("CooldownTrainerCallback: the schedule's own warmup applies; TrainingArguments warmup is "
-                           "ignored for the main branch.")
+    def _drive_lr(self, trainer: Trainer, state: Any) -> None:
+        """Replace the Trainer's scheduler by ``LambdaLR(schedule)`` positioned at ``state.global_step``."""
+        note_schedule(self, trainer, state.max_steps)
         fn = functools.partial(_main_multiplier, self)
-        sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, fn, last_epoch=step - 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, fn, last_epoch=state.global_step - 1)
         trainer.lr_scheduler = sched
         trainer.callback_handler.lr_scheduler = sched
 
@@ -365,19 +431,21 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
         if trainer is None:
             return
         e = self._engine
+        keep = stopping and self.final_model == "cooled"  # the cooled final model becomes the Trainer's at the end
         if e.should_fork(step, evaluating=evaluating):
-            self._run(trainer, control, step)
+            self._run(trainer, control, step, keep_cooled=keep)
         elif continue_check and (start := e.continue_due(step)) is not None:
             self._run(trainer, control, step, continue_start=start)
         if self._should_fork_at_end(step, stopping):
-            self._run(trainer, control, step)
+            self._run(trainer, control, step, keep_cooled=keep)
 
     def _run(self, trainer: Trainer, control: TrainerControl, step: int, *,
-             continue_start: int | None = None) -> ForkRecord:
+             continue_start: int | None = None, keep_cooled: bool = False) -> ForkRecord:
         e = self._engine
-        runner = _TrainerRunner(self, trainer)
+        runner = _TrainerRunner(self, trainer, keep_cooled=keep_cooled)
         flags = [(c, dataclasses.asdict(c)) for c in {id(control): control, id(trainer.control): trainer.control}.values()]
         rng = capture_rng() if continue_start is not None else None
+        p = self.metric_key_prefix
         self._in_fork = True
         try:
             if continue_start is None:
@@ -386,14 +454,20 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
                 recs = [e.finish_continue(continue_start, step, runner)]
             for rec in recs:
                 self._eval_record_step[step] = rec.step
-                prefix = self.metric_key_prefix + (f"_{rec.label}" if rec.label else "")
+                prefix = p + (f"_{rec.label}" if rec.label else "")
                 if rec.status == "skipped":
                     continue
-                if rec.status == "ok":
+                if rec.restored:  # finished before a crash: its metrics reach log_history and report_to once more
+                    rec = restored_record(self, trainer, rec)
+                    logs = {prefix + k[len(p):]: v for k, v in rec.metrics.items() if k.startswith(p + "_")}
+                    logs.update({f"{prefix}_steps": float(rec.cooldown_steps), f"{prefix}_restored": 1.0})
+                elif rec.status == "ok":
                     logs = {f"{prefix}_steps": float(rec.cooldown_steps), f"{prefix}_seconds": round(rec.seconds, 4)}
                 else:
                     logs = {f"{prefix}_steps": float(rec.cooldown_steps), f"{prefix}_failed": 1.0}
-                trainer.log(logs)
+                # the base Trainer's log: a subclass's log (TRL's) would move the main branch's accumulated
+                # metrics into this row
+                Trainer.log(trainer, logs)
         finally:
             self._in_fork = False
             if rng is not None:
@@ -401,40 +475,16 @@ class CooldownTrainerCallback(TrainerCallback, ExportableState):
             for c, saved in flags:
                 for k, v in saved.items():
                     setattr(c, k, v)
+        kept = runner.cooled  # final_model="cooled": the last cooldown of this fork point that was saved
+        if keep_cooled and kept is not None:
+            rec = next((r for r in recs if r.label == kept[0] and r.status == "ok"), None)
+            if rec is not None:
+                self._final_cooled = (rec.step, kept[1])
         for rec in recs:
-            self._report(rec)
+            report(self, trainer, rec)
+        if self._data_kind == "peek-stream":
+            _stream.stop_if_disturbed(trainer, self, runner.any_rank, step)
         return recs[-1]
-
-    def _report(self, rec: ForkRecord) -> None:
-        status = ", ".join(f"{k}={v:.4f}" for k, v in rec.metrics.items() if k.endswith("_loss")) \
-            if rec.status == "ok" else f"FAILED ({rec.error})"
-        label = f" [{rec.label}]" if rec.label else ""
-        line = (f"[cooldown] step {rec.step}{label}: {rec.cooldown_steps} cooldown steps ({rec.shape}, {rec.mode}) -> "
-                f"{status} in {rec.seconds:.1f}s")
-        if rec.status == "skipped":
-            line = f"[cooldown] step {rec.step}{label}: skipped ({rec.reason})"
-        logger.info(line)
-        if self.verbose and self._engine is not None and self._engine.is_global_zero:
-            print(line, flush=True)
-
-
-
-def _check_fsdp(trainer: Trainer, args: Any) -> None:
-    """FSDP2 forks exactly (same code as DDP, on local shards); FSDP v1 is refused before the first step.
-
-    Detected from accelerate's FSDP plugin (the Trainer enables FSDP on accelerators only) and from the
-    model itself. On a machine where the Trainer ignores ``fsdp=`` (no accelerator: it runs DDP), say so.
-    """
-    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    version = getattr(plugin, "fsdp_version", None) if getattr(trainer, "is_fsdp_enabled", False) else None
-    if version == 1 or sharding.sharding_of(trainer.model_wrapped) == "fsdp1":
-        raise ValueError("CooldownTrainerCallback does not support FSDP v1 (FullyShardedDataParallel): its forks "
-                         "cannot be verified exact. Use FSDP2: TrainingArguments(fsdp='full_shard', "
-                         "fsdp_config={'fsdp_version': 2}); forks are exact there.")
-    if getattr(args, "fsdp", None) and plugin is None and not sharding.is_sharded(trainer.model_wrapped):
-        logger.warning("CooldownTrainerCallback: TrainingArguments(fsdp=...) is set but the Trainer did not enable "
-                       "FSDP (it needs an accelerator; this run is data-parallel without sharding). Forks are exact "
-                       "either way.")
 
 
 def _plan_to_json(plan: ForkPlan, data_missing: bool = False) -> dict:
