@@ -230,6 +230,8 @@ def test_accelerate_resume_between_forks_equals_uninterrupted(tmp_path):
     (dict(eval_fn=None), r"Invalid eval_fn"),
     (dict(gradient_accumulation_steps=0), r"gradient_accumulation_steps \(0\)"),
     (dict(max_grad_norm=-1.0), r"max_grad_norm \(-1.0\)"),
+    (dict(max_grad_norm=True), r"max_grad_norm \(True\)"),
+    (dict(max_grad_norm=float("nan")), r"max_grad_norm \(nan\)"),
     (dict(train_loader=None), r"needs train_loader"),
     (dict(schedule="wsd"), r"Invalid schedule"),
     (dict(plan=ForkPlan(every=5, mode="continue"), schedule=None), r"needs schedule="),

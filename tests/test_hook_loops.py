@@ -9,6 +9,7 @@ scheduler, resumes and shared folders.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -381,3 +382,47 @@ def test_a_scheduler_of_the_script_that_also_steps_is_reported(tmp_path):
     with pytest.warns(UserWarning, match=r"learning rate was changed between two optimizer steps by something other "
                                          r"than the CooldownHook.*get_last_lr\(\)"):
         train(model, opt, make_loader(), 5, after_step=lambda: (sched.step(), hook.step()))
+
+
+# -- what third-party scripts pass as they are (nanoGPT's train.py) ------------------------------
+
+def test_max_grad_norm_zero_means_no_clipping_as_in_nanogpt(tmp_path):
+    """nanoGPT's ``grad_clip = 0.0`` (and ``TrainingArguments(max_grad_norm=0)``) disables clipping, so a
+    script passes ``max_grad_norm=grad_clip`` as it is: the run and its cooled model equal ``None``'s."""
+    runs = {}
+    for name, clip in (("zero", 0.0), ("none", None)):
+        model, opt = make_model_opt()
+        hook = hook_for(model, opt, tmp_path / name, max_grad_norm=clip)
+        assert hook.max_grad_norm is None
+        train(model, opt, make_loader(), 6, clip=None, after_step=hook.step)
+        hook.close()
+        runs[name] = full_state(model, opt), torch.load(tmp_path / name / "cooled-step00000004-cd3.pt")
+    assert_equal_states(runs["none"][0], runs["zero"][0])
+    assert all(torch.equal(v, runs["zero"][1][k]) for k, v in runs["none"][1].items())
+
+
+def test_the_hooks_warnings_point_at_the_users_line(tmp_path):
+    """A nanoGPT-style loop sets ``param_group['lr']`` itself and calls ``scaler.step(optimizer)``: the
+    warning names those lines and is reported at the user's ``scaler.step`` line (not inside torch's
+    optimizer wrappers), and ``hook.step``'s own warnings at the user's ``hook.step`` line."""
+    model, opt = make_model_opt()
+    hook = hook_for(model, opt, tmp_path)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    batches = iter(make_loader())
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for it in range(3):
+            for g in opt.param_groups:
+                g["lr"] = 1e-3  # nanoGPT: lr = get_lr(iter_num); param_group['lr'] = lr
+            scaler.scale(loss_fn(model, next(batches))).backward()
+            step_line = inspect.currentframe().f_lineno + 1
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            hook_line = inspect.currentframe().f_lineno + 1
+            hook.step(step=it + 1 if it < 2 else it + 2)  # a skipped step count: warned at this line
+    lr = [w for w in seen if "learning rate was changed" in str(w.message)]
+    assert lr and "param_group['lr']" in str(lr[0].message)
+    assert (lr[0].filename, lr[0].lineno) == (__file__, step_line)
+    jump = [w for w in seen if "hook.step(step=4) after step 2" in str(w.message)]
+    assert jump and (jump[0].filename, jump[0].lineno) == (__file__, hook_line)

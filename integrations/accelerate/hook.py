@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import warnings
 import weakref
 from pathlib import Path
@@ -26,9 +27,25 @@ from ._runner import _HookRunner, _inner
 __all__ = ["CooldownHook"]
 
 DEFAULT_FILENAME = "cooled-step{step:08d}-cd{cooldown}"  # no '=': command-line configurators split on it
+# packages between the user's line and the hook's warnings (optimizer.step wrappers, scaler.step, this library)
+_INTERNAL_PACKAGES = ("cooldown_callbacks", "torch", "accelerate", "deepspeed")
 
 # optimizer -> the hook that drives its LR (weak both ways: the optimizer stays picklable, nothing is kept alive)
 _DRIVEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s ``stacklevel`` (seen from the function calling it, the caller of this one) of the
+    first frame outside this library and the packages that call the hook's optimizer pre-step hook: the
+    user's line - their ``hook.step()``, ``optimizer.step()`` or ``scaler.step(optimizer)`` - whatever the
+    depth of torch's or Accelerate's wrappers in between."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_back is not None:
+        name = frame.f_globals.get("__name__", "")
+        if not any(name == p or name.startswith(p + ".") for p in _INTERNAL_PACKAGES):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _inert(optimizer: torch.optim.Optimizer) -> bool:
@@ -81,8 +98,10 @@ class CooldownHook:
         gradient_accumulation_steps: micro-batches per optimizer step. Default: the accelerator's, the
             DeepSpeed engine's, or 1. With an Accelerator left at 1 and hand-written accumulation, give
             your loop's value; a value that contradicts an accelerator's own accumulation is refused.
-        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None``: no clipping; with
-            DeepSpeed, clipping is its ``gradient_clipping`` config).
+        max_grad_norm: clip value for the built-in ``loss_fn`` path (``None`` or ``0``: no clipping, as
+            nanoGPT's ``grad_clip=0.0`` and ``TrainingArguments(max_grad_norm=0)`` mean, so
+            ``max_grad_norm=grad_clip`` passes a script's setting as it is; with DeepSpeed, clipping is its
+            ``gradient_clipping`` config).
         dirpath: where cooled checkpoints and ``forks.jsonl`` go; one run per folder: before its first
             step, a new run refuses a folder holding another run's records (a resumed run, with the
             hook's state loaded, continues there).
@@ -137,6 +156,12 @@ class CooldownHook:
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"Invalid model ({type(model).__name__}): must be a torch.nn.Module.")
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                          or not max_grad_norm >= 0):
+            raise ValueError(f"Invalid max_grad_norm ({max_grad_norm!r}): must be a number > 0, or 0 / None for no "
+                             "clipping.")
+        if max_grad_norm == 0:  # nanoGPT's grad_clip=0.0 and TrainingArguments(max_grad_norm=0): no clipping
+            max_grad_norm = None
         ds_engine = model if sharding.is_zero(model) else None
         if ds_engine is not None:
             sharding.check_zero(ds_engine, "CooldownHook")
@@ -175,8 +200,6 @@ class CooldownHook:
                 f"Invalid gradient_accumulation_steps ({ga}): the Accelerator accumulates {acc_ga} micro-batches per "
                 f"optimizer step (Accelerator(gradient_accumulation_steps={acc_ga})); leave the hook's argument out "
                 "to use the Accelerator's, or set both to what your loop does.")
-        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
-            raise ValueError(f"Invalid max_grad_norm ({max_grad_norm!r}): must be a number > 0, or None.")
         if max_grad_norm is not None and step_fn is not None:
             raise ValueError("max_grad_norm applies to the loss_fn path; with step_fn, clip inside your step_fn.")
         if snapshot_storage not in STORAGES:
@@ -310,9 +333,11 @@ class CooldownHook:
     def _check_foreign_lr(self) -> None:
         if any(self._set_lrs.get(id(g), g["lr"]) != g["lr"] for g in self._groups):
             self._warn("scheduler", "The learning rate was changed between two optimizer steps by something other than "
-                       "the CooldownHook (an LR scheduler of yours that also steps?). With schedule=... the hook sets "
-                       "the LR before every step, so your scheduler's get_last_lr() no longer reports the LR used. "
-                       "Remove your scheduler, or pass schedule=None to keep it driving the main branch.")
+                       "the CooldownHook (an LR scheduler of yours that also steps, or a loop that sets "
+                       "param_group['lr'] itself, as nanoGPT's train.py does?). With schedule=... the hook sets the "
+                       "LR before every step, so your scheduler's get_last_lr() (or your loop's lr variable) no longer "
+                       "reports the LR used. Remove your scheduler (or those lines), or pass schedule=None to keep it "
+                       "driving the main branch.")
 
     def _count_forward(self, module: torch.nn.Module, args: Any) -> None:
         if self._active is None and torch.is_grad_enabled() and module.training:
@@ -352,7 +377,7 @@ class CooldownHook:
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned and self.rank == 0:
             self._warned.add(key)
-            warnings.warn(message, UserWarning, stacklevel=4)  # the caller of hook.step / optimizer.step
+            warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())  # the user's line
 
     def _note_source(self, source: str | None) -> None:
         """Warn once per kind when a fork did not cool on the main branch's upcoming batches unasked."""
