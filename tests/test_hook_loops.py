@@ -426,3 +426,22 @@ def test_the_hooks_warnings_point_at_the_users_line(tmp_path):
     assert (lr[0].filename, lr[0].lineno) == (__file__, step_line)
     jump = [w for w in seen if "hook.step(step=4) after step 2" in str(w.message)]
     assert jump and (jump[0].filename, jump[0].lineno) == (__file__, hook_line)
+
+
+def test_a_resumed_script_that_forgot_the_hooks_state_is_told_to_load_it(tmp_path):
+    """nanoGPT's init_from='resume' loads the model and optimizer; a user who did not save/load the hook's
+    state is refused (another run's folder) before the first update, with how to resume the hook too."""
+    model, opt = make_model_opt()
+    hook = hook_for(model, opt, tmp_path)
+    train(model, opt, make_loader(), 5, after_step=hook.step)
+    hook.close()
+    ckpt = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    model2, opt2 = make_model_opt()
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["optimizer"])
+    hook2 = hook_for(model2, opt2, tmp_path)
+    before = [p.detach().clone() for p in model2.parameters()]
+    with pytest.raises(ValueError, match=r"holds the cooled models .* This run looks resumed .*"
+                                         r"hook\.load_state_dict\(\.\.\.\) with what hook\.state_dict\(\) gave"):
+        train(model2, opt2, make_loader(), 3, after_step=hook2.step)
+    assert all(torch.equal(a, b) for a, b in zip(before, model2.parameters()))  # refused before the first update

@@ -350,17 +350,23 @@ class CooldownHook:
         if self._count_handle is not None:
             self._count_handle.remove()
             self._count_handle = None
+        resumed = self.step_count == 0 and any(_inner(o).state for o in self.optimizers)
         error = None
         if self.rank == 0:
             try:
                 self.engine.claim_dirpath()
             except ValueError as e:
-                error = e
+                # a script resumed from its checkpoint (nanoGPT's init_from='resume') without the hook's state
+                error = ValueError(f"{e} This run looks resumed (the optimizer has state, the CooldownHook is at step "
+                                   "0): load the hook's state before training - hook.load_state_dict(...) with what "
+                                   "hook.state_dict() gave when you saved the checkpoint, or "
+                                   "accelerator.register_for_checkpointing(hook) before accelerator.load_state - and "
+                                   "the run continues in this folder.") if resumed else e
         if _HookRunner(self).any_rank(error is not None):
             raise error or ValueError(f"Invalid dirpath ({str(self.engine.dirpath)!r}): rank 0 refused it (it holds "
                                       "another run's records); see rank 0's error.")
         resolve_source(self.engine.plan.data, self.train_loader)
-        if self.step_count == 0 and any(_inner(o).state for o in self.optimizers):
+        if resumed:
             self._warn("resume", "The optimizer has state but the CooldownHook is at step 0: a resumed run? Load the "
                        "hook's state too (hook.load_state_dict(...), or accelerator.register_for_checkpointing(hook) "
                        "before accelerator.load_state), or the schedule restarts from step 0 (warmup) and forks "
