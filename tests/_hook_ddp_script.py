@@ -1,7 +1,8 @@
 """Run under ``torchrun --nproc_per_node 2``: a DDP loop with or without forks.
 
-argv: OUT_DIR MODE ; MODE is forks|none|fail|nosave0 (plain PyTorch DDP; nosave0: a save_fn that
-writes nothing on rank 0) or accel-forks|accel-none (an
+argv: OUT_DIR MODE ; MODE is forks|none|fail|nosave0|oneval0 (plain PyTorch DDP; nosave0: a save_fn that
+writes nothing on rank 0; oneval0: ForkPlan(on_eval=True) with evaluating=True on rank 0 only, as nanoGPT
+evaluates on its master process) or accel-forks|accel-none (an
 Accelerate loop: prepared model, optimizer and loader, ``accelerator.accumulate``);
 writes rank-<r>.pt with the final main-branch state.
 """
@@ -72,11 +73,17 @@ def main() -> None:
         def save_fn(m, path):
             if rank != 0:  # a user save that only some ranks carry out: rank 0 finds no checkpoint
                 torch.save(m.module.state_dict(), str(path) + ".rank1")
-        hook = CooldownHook(model, opt, schedule=sched, plan=ForkPlan(every=5, cooldown=Cooldown(steps=3), data="fresh"),
+        plan = ForkPlan(every=5, cooldown=Cooldown(steps=3), data="fresh") if mode != "oneval0" else \
+            ForkPlan(on_eval=True, cooldown=Cooldown(steps=3), data="fresh")
+        hook = CooldownHook(model, opt, schedule=sched, plan=plan,
                             loss_fn=loss_fn, eval_fn=ev, train_loader=loader, gradient_accumulation_steps=2,
                             max_grad_norm=0.5, dirpath=os.path.join(out, "cooled"), verbose=rank == 0,
                             save_fn=save_fn if mode == "nosave0" else None)
-        train(model, opt, loader, 16, ga=2, after_step=hook.step)
+        if mode == "oneval0":  # the loop evaluates every 5 steps, on rank 0 only
+            train(model, opt, loader, 16, ga=2,
+                  after_step=lambda: hook.step(evaluating=rank == 0 and (hook.step_count + 1) % 5 == 0))
+        else:
+            train(model, opt, loader, 16, ga=2, after_step=hook.step)
     torch.save(full_state(model.module, opt), os.path.join(out, f"rank-{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()

@@ -58,3 +58,18 @@ def test_a_save_failure_seen_by_rank_zero_alone_fails_the_fork_on_every_rank(tmp
     assert [x["step"] for x in recs] == [5, 10, 15]
     assert all(x["status"] == "failed" and "was not written to" in x["error"] and not x["checkpoint"] for x in recs)
     assert not list((tmp_path / "nosave0" / "cooled").glob("cooled-*.pt"))
+
+
+def test_an_evaluation_on_rank_zero_alone_forks_every_rank(tmp_path):
+    """ForkPlan(on_eval=True) in a loop that evaluates on the master process only (nanoGPT): hook.step(evaluating=
+    True) on rank 0 alone forks on both ranks (no collective mismatch), and the main branch is unchanged."""
+    ref = torchrun(tmp_path / "ref", "none")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got = torchrun(tmp_path / "oneval0", "oneval0", timeout=90)
+    assert got.returncode == 0, got.stderr[-3000:]
+    for r in range(2):
+        assert_equal_states(torch.load(tmp_path / "ref" / f"rank-{r}.pt"),
+                            torch.load(tmp_path / "oneval0" / f"rank-{r}.pt"))
+    recs = read_records(tmp_path / "oneval0" / "cooled")
+    assert [x["step"] for x in recs] == [5, 10, 15] and all(x["status"] == "ok" for x in recs)
+    assert all(x["metrics"]["rank"] == 0.5 for x in recs)  # both ranks ran eval_fn

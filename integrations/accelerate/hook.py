@@ -413,8 +413,10 @@ class CooldownHook:
         Call it right after the optimizer step and *before* your own evaluation of that step: a fork
         then cools the model and evaluates it from the state your evaluation starts from.
         ``evaluating=True`` marks a step where your loop evaluates the main branch (for
-        ``ForkPlan(on_eval=True)``); ``metrics`` are main-branch metrics known now, kept in the record
-        (later ones: :meth:`log_main_metrics`).
+        ``ForkPlan(on_eval=True)``; with several processes every rank forks when any rank passes it, so a
+        loop that evaluates on rank 0 only may say so on rank 0 only - at the cost of one one-flag
+        all-reduce per step for ``on_eval`` plans); ``metrics`` are main-branch metrics known now, kept in
+        the record (later ones: :meth:`log_main_metrics`).
         """
         if not self._started:
             self._start()
@@ -432,6 +434,10 @@ class CooldownHook:
                            "optimizer step; on resume, load the hook's state (hook.load_state_dict) before training.")
         self._check_foreign_lr()
         self.step_count = t
+        if self.world_size > 1 and self.engine.plan.on_eval:
+            # every rank forks when one evaluates: a loop that evaluates on rank 0 only (nanoGPT's `iter_num %
+            # eval_interval == 0 and master_process`) must not send rank 0 into the fork's collectives alone
+            evaluating = _HookRunner(self).any_rank(bool(evaluating))
         rec = None
         suffix = self._suffix()
         if self.engine.should_fork(t, evaluating=evaluating):
