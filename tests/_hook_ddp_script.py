@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(__file__))
+from _torchrun import leave  # noqa: E402
 from _loops import X, Y, eval_fn, full_state, loss_fn, make_model_opt, make_loader, train, train_accelerate  # noqa: E402
 
 from cooldown_callbacks import WSD, Cooldown, ForkPlan  # noqa: E402
@@ -85,8 +86,7 @@ def main() -> None:
         else:
             train(model, opt, loader, 16, ga=2, after_step=hook.step)
     torch.save(full_state(model.module, opt), os.path.join(out, f"rank-{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()  # barrier, then exit without gloo's teardown (see tests/_torchrun.py)
 
 
 if __name__ == "__main__":

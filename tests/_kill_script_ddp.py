@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _torchrun import leave  # noqa: E402
 from _loops import X, Y, eval_fn, loss_fn, make_loader, make_model_opt, train  # noqa: E402
 
 from cooldown_callbacks import WSD, Cooldown, ForkPlan  # noqa: E402
@@ -71,8 +72,7 @@ def main(out: str, rank: int, world_size: int, port: int, fault: str) -> None:
                             eval_fn=eval_fn, gradient_accumulation_steps=2, max_grad_norm=0.5,
                             dirpath=out / "cooled", save_fn=save_fn, verbose=False)
         train(model, opt, loader, 12, ga=2, after_step=hook.step)
-        dist.barrier()
-        dist.destroy_process_group()
+        leave()  # barrier, then exit without gloo's teardown (see tests/_torchrun.py)
     except BaseException:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"rank-{rank}.err").write_text(traceback.format_exc())

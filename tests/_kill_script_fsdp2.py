@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _torchrun import leave  # noqa: E402
 import _kill_points  # noqa: E402
 import _sharded_loops as SL  # noqa: E402
 
@@ -128,8 +129,7 @@ def main(out: str, kill: str | None) -> None:
         os.replace(out / ".final.pt.tmp", out / "final.pt")
         if not kill:
             (out.parent / f"{out.name}-counts.json").write_text(json.dumps(_kill_points.counts(), sort_keys=True))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave()  # barrier, then exit without gloo's teardown (see tests/_torchrun.py)
 
 
 if __name__ == "__main__":

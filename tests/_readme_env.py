@@ -151,7 +151,10 @@ class Blocks(nn.Module):
 def _sharded(names: set[str]) -> dict:
     """Fragments of a sharded (FSDP2 / DeepSpeed) script: one rank of a process group made here."""
     env = dict(_torch_loop(names), **_library())
-    env["loader"] = env["train_loader"]
+    # the fragments loop `for batch in loader:` to its end: one epoch of STOP_AFTER batches (a step of a
+    # DeepSpeed engine on the CPU is slow; two forks at the scaled every=10 fit in it)
+    env["loader"] = DataLoader(torch.utils.data.Subset(env["train_loader"].dataset, range(STOP_AFTER * 32)),
+                               batch_size=32, shuffle=True)
     env["loss_fn"] = lambda m, batch: m(**batch).loss
     env["eval_fn"] = env["evaluate"]
     env["build_model"] = Blocks

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _torchrun import leave  # noqa: E402
 import _sharded_loops as SL  # noqa: E402
 
 from cooldown_callbacks import WSD, Cooldown, ForkPlan  # noqa: E402
@@ -110,7 +111,7 @@ def main() -> None:
     rank = dist.get_rank()
     for name in runs:
         run(out, kind, name, rank)
-    dist.destroy_process_group()
+    leave()  # barrier, then exit without gloo's teardown (see tests/_torchrun.py)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,16 @@ def _reset_accelerate():
         GradientState._reset_state()
 
 
+@pytest.fixture(autouse=True)
+def _restore_deterministic_algorithms():
+    """``Trainer(deterministic=True)`` turns ``torch.use_deterministic_algorithms`` on for the whole
+    process and leaves it on; then every ``torch.empty`` fills its memory (NaN), and a later test that
+    allocates large buffers (DeepSpeed's 500M-element gradient buckets) runs 30x slower."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one intra-op thread is faster, and immune to a busy machine's other processes."""

@@ -50,6 +50,7 @@ def test_failure_on_one_rank_fails_all_ranks_promptly(tmp_path):
 def test_a_save_failure_seen_by_rank_zero_alone_fails_the_fork_on_every_rank(tmp_path):
     """Rank 0 finds no checkpoint to rename: every rank records the fork failed and goes on in step (no hang)."""
     ref = torchrun(tmp_path / "ref", "none")
+    assert ref.returncode == 0, ref.stderr[-3000:]
     got = torchrun(tmp_path / "nosave0", "nosave0", timeout=90)
     assert got.returncode == 0, got.stderr[-3000:]
     for r in range(2):
