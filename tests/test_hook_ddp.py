@@ -1,6 +1,7 @@
 """Two processes (torchrun, gloo): forks on both ranks, no hang, main branch equal to no-fork DDP."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,19 @@ def torchrun(out: Path, mode: str, timeout: float = 120) -> subprocess.Completed
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(SCRIPT), str(out), mode]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # a hung run (a collective on one rank only): SIGTERM lets torchrun stop its workers, which run in sessions
+        # of their own and would go on (holding the pipes) if torchrun were killed outright
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize("loop", ["", "accel-"], ids=["plain-ddp", "accelerate"])
