@@ -75,6 +75,7 @@ class Fault:
 
 SNAPSHOT, ENGINE = "cooldown_callbacks/snapshot.py", "cooldown_callbacks/engine.py"
 SCHEDULES, SIGNALS = "cooldown_callbacks/schedules.py", "cooldown_callbacks/signals.py"
+SHARDING = "cooldown_callbacks/sharding.py"
 HOOK_IDENTITY = "tests/test_accelerate_hook.py::test_branch_mode_main_branch_is_bit_identical"
 
 FAULTS: list[Fault] = [
@@ -119,6 +120,20 @@ FAULTS: list[Fault] = [
     Fault("rerun-finished-forks", "after a resume, forks this run finished after its checkpoint are run again",
           [Edit(ENGINE, "if not self._resumed:", "if True:  # never look for finished forks")],
           ["tests/test_reliability.py::test_resumed_run_does_not_redo_forks_it_finished_and_a_new_run_is_refused"]),
+    # faults of bugs fixed after the first set
+    Fault("eval-rng-after-cooldown", "the cooled model is evaluated from the RNG state its cooldown left, so an "
+          "eval_fn that samples batches sees other batches than the main evaluation at that step",
+          [Edit(ENGINE, "restore_rng(rng)", "pass  # evaluate from wherever the cooldown left the RNGs")],
+          ["tests/test_engine.py::test_cooled_evaluation_sees_the_main_evaluations_random_draws"]),
+    Fault("skip-reshard-on-restore", "FSDP: the restore writes the shards but leaves the unsharded parameters the "
+          "fork's evaluation gathered, so the next forward trains on the cooled weights",
+          [Edit(SNAPSHOT, "reshard(self._modules)  # the next forward must gather the restored shards, not reuse "
+                "unsharded copies", "pass  # no reshard after the restore")],
+          ["tests/test_sharded_hook.py::test_every_rank_local_shards_equal_the_run_without_forks[fsdp2-cpu-fn]"]),
+    Fault("skip-zero-engine-counters", "DeepSpeed: the engine's step counters (global_steps, micro_steps, ...) keep "
+          "the fork's values after the restore",
+          [Edit(SHARDING, "fields(engine, _ZERO_ENGINE_FIELDS)", "pass  # engine counters not snapshotted")],
+          ["tests/test_deepspeed.py::test_hook_forks_keep_every_rank_exact[1]"]),
 ]
 
 
