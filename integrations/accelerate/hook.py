@@ -415,8 +415,10 @@ class CooldownHook:
         ``evaluating=True`` marks a step where your loop evaluates the main branch (for
         ``ForkPlan(on_eval=True)``; with several processes every rank forks when any rank passes it, so a
         loop that evaluates on rank 0 only may say so on rank 0 only - at the cost of one one-flag
-        all-reduce per step for ``on_eval`` plans); ``metrics`` are main-branch metrics known now, kept in
-        the record (later ones: :meth:`log_main_metrics`).
+        all-reduce per step for ``on_eval`` plans: on a host tensor unless the process group is NCCL
+        alone, where it waits for the device; a step trigger such as ``ForkPlan(every=eval_interval)``
+        needs none); ``metrics`` are main-branch metrics known now, kept in the record (later ones:
+        :meth:`log_main_metrics`).
         """
         if not self._started:
             self._start()
@@ -436,8 +438,10 @@ class CooldownHook:
         self.step_count = t
         if self.world_size > 1 and self.engine.plan.on_eval:
             # every rank forks when one evaluates: a loop that evaluates on rank 0 only (nanoGPT's `iter_num %
-            # eval_interval == 0 and master_process`) must not send rank 0 into the fork's collectives alone
-            evaluating = _HookRunner(self).any_rank(bool(evaluating))
+            # eval_interval == 0 and master_process`) must not send rank 0 into the fork's collectives alone.
+            # A host tensor where the process group reduces them (gloo, or torch's default cpu:gloo,cuda:nccl),
+            # so the per-step flag does not wait for the accelerator's queue; pure NCCL needs a device tensor
+            evaluating = sharding.any_rank(bool(evaluating))
         rec = None
         suffix = self._suffix()
         if self.engine.should_fork(t, evaluating=evaluating):
