@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cost_rows.append(["grid total", tot_fs, cos_steps * len(lrs), f"{tot_fs / (cos_steps * len(lrs)):.2f}",
                       f"{tot_f:.1f}", f"{tot_c:.1f}", f"{tot_f / tot_c:.2f}", f"{tot_fc:.1f}", f"{tot_cc:.1f}",
                       f"{tot_fc / tot_cc:.2f}"])
-    plots = _plot(out, budgets, lrs, forked, cos, per_budget, args)
+    plots = _plot(out, budgets, lrs, forked, cos, per_budget, args, name=name)
     result = {
         "config": {"setting": args.setting, "budgets": budgets, "lrs": lrs, "initial_lrs": initial_lrs,
                    "max_extensions": args.max_extensions, "warmup": args.warmup, "cooldown_fraction": FRACTION,
@@ -470,12 +470,17 @@ def replot(path: Path) -> dict:
     forked = {lr: {k: {int(T): v for T, v in data["grid"]["forked"][f"{lr:g}"][k].items()}
                    for k in ("cooled_1-sqrt", "cooled_linear", "main_val")} for lr in lrs}
     cos = {(lr, T): data["grid"]["cosine"][f"{lr:g}@{T}"] for lr in lrs for T in budgets}
-    plots = _plot(path.parent, budgets, lrs, forked, cos, data["per_budget"], argparse.Namespace(warmup=cfg["warmup"]))
+    plots = _plot(path.parent, budgets, lrs, forked, cos, data["per_budget"], argparse.Namespace(warmup=cfg["warmup"]),
+                  name=path.stem)
+    if data.get("plots") != plots:  # results of a version that named every setting's plots bench_budgets_*
+        data["plots"] = plots
+        path.write_text(json.dumps(data, indent=1) + "\n")
     print(f"redrew {', '.join(plots)} in {path.parent}")
     return data
 
 
-def _plot(out: Path, budgets, lrs, forked, cos, per_budget, args) -> list[str]:
+def _plot(out: Path, budgets, lrs, forked, cos, per_budget, args, name: str = NAME) -> list[str]:
+    """The two figures, named after the result (``name``): one setting's plots never replace another's."""
     plt = pyplot()
     names = []
     # 1. budget curve
@@ -503,7 +508,7 @@ def _plot(out: Path, budgets, lrs, forked, cos, per_budget, args) -> list[str]:
     ax.set_title("LR sensitivity per budget")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    p = out / f"{NAME}_curve.png"
+    p = out / f"{name}_curve.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     names.append(p.name)
@@ -530,7 +535,7 @@ def _plot(out: Path, budgets, lrs, forked, cos, per_budget, args) -> list[str]:
     ax.set_title("Schedules: one WSD main branch with forks vs. one cosine run per budget")
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     fig.tight_layout()
-    p = out / f"{NAME}_schedules.png"
+    p = out / f"{name}_schedules.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
     names.append(p.name)

@@ -166,7 +166,7 @@ def test_budgets_quick(tmp_path, setting):
     assert data["fork_equals_fixed_budget_run"]["identical"]
     for png in data["plots"]:
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(data["plots"]) == 2
+    assert len(data["plots"]) == 2 and all(p.startswith(f"{name}_") for p in data["plots"])  # one setting's own plots
     for png in data["plots"]:
         (tmp_path / png).unlink()
     bench_budgets.main(["--replot", str(tmp_path / f"{name}.json")])  # plots redrawn from the JSON alone
