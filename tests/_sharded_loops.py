@@ -15,9 +15,6 @@ Data: the synthetic regression set of ``_loops``, through torchdata's ``Stateful
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 
 import torch
 import torch.distributed as dist
@@ -29,14 +26,6 @@ from _loops import XV, YV, X, Y
 
 from cooldown_callbacks import sharding
 from cooldown_callbacks.sharding import local
-
-
-def torchrun(script, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``script *args`` under ``torchrun --standalone --nproc_per_node 2`` (for the tests)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def plain_model(seed: int = 0) -> nn.Module:

@@ -6,16 +6,14 @@ configurations the hook must refuse.
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from _loops import assert_equal_states, make_model_opt
+from _torchrun import torchrun
 from cooldown_callbacks.records import read_records
 
 pytest.importorskip("deepspeed")  # in the dev extra: installed in CI
@@ -28,11 +26,8 @@ FIXED = [v for v in VARIANTS if "-sched" not in v and "accel" not in v]  # with 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("deepspeed")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # the script sets DS_ACCELERATOR=cpu itself; the first DeepSpeed start on a machine builds a small C++ op
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    res = torchrun(SCRIPT, out, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return out
 

@@ -2,13 +2,12 @@
 exact per rank, the cooled model equals a fixed-budget run, ZeRO-3 refused before the first step."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from _torchrun import torchrun
 
 pytest.importorskip("deepspeed")  # in the dev extra: installed in CI
 pytestmark = pytest.mark.slow
@@ -18,10 +17,7 @@ SCRIPT = Path(__file__).with_name("_hf_deepspeed_script.py")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("hf_deepspeed")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    res = torchrun(SCRIPT, out, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(2)]
 

@@ -1,14 +1,12 @@
 """Two processes (torchrun, gloo): forks on both ranks, no hang, main branch equal to no-fork DDP."""
 
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import _torchrun
 from _loops import assert_equal_states
 from cooldown_callbacks.records import read_records
 
@@ -18,22 +16,7 @@ SCRIPT = Path(__file__).with_name("_hook_ddp_script.py")
 
 def torchrun(out: Path, mode: str, timeout: float = 120) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(SCRIPT), str(out), mode]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # a hung run (a collective on one rank only): SIGTERM lets torchrun stop its workers, which run in sessions
-        # of their own and would go on (holding the pipes) if torchrun were killed outright
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    return _torchrun.torchrun(SCRIPT, out, mode, timeout=timeout)
 
 
 @pytest.mark.parametrize("loop", ["", "accel-"], ids=["plain-ddp", "accelerate"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _sharded_loops import torchrun
+from _torchrun import torchrun
 from cooldown_callbacks.records import read_records
 
 pytestmark = pytest.mark.slow

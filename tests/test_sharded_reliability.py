@@ -18,7 +18,7 @@ import torch
 
 import _kill_harness as harness
 import _kill_script_fsdp2 as script
-from _sharded_loops import torchrun
+from _torchrun import torchrun
 from cooldown_callbacks.records import RECORDS_NAME, read_records
 
 pytestmark = pytest.mark.slow
