@@ -38,15 +38,10 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-from torch.utils.data import DataLoader, Subset
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import EXAMPLES, base_parser, finish, pyplot, setup  # noqa: E402
+from _common import base_parser, finish, pyplot, setup  # noqa: E402
+import bench_budgets  # noqa: E402
 from bench_budgets import _loss, train_steps  # noqa: E402
-
-sys.path.insert(0, str(EXAMPLES))
-from charlm import TinyGPT, splits  # noqa: E402
 
 from cooldown_callbacks import WSD, Cooldown, ForkPlan, fit_budget_curve  # noqa: E402
 from cooldown_callbacks.integrations.accelerate import CooldownHook  # noqa: E402
@@ -66,23 +61,14 @@ def plans(args) -> dict[str, ForkPlan]:
     }
 
 
-class Task:
-    def __init__(self, args) -> None:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
-        self.args = args
-        self.train, val = splits(block_size=args.block, max_bytes=args.max_bytes)
-        self.val_loader = DataLoader(Subset(val, range(min(len(val), args.val_seqs))), batch_size=64)
-        self._loader_cls = StatefulDataLoader
+class Task(bench_budgets.Task):
+    """The budgets benchmark's task (data, model, optimizer, loader, evaluation); ``run`` trains it under a plan."""
 
     def run(self, plan: ForkPlan, dirpath: Path) -> dict:
         """One main branch of ``--steps`` steps under ``plan``; the loop evaluates every ``--every`` steps."""
         a = self.args
-        torch.manual_seed(a.seed)
-        model = TinyGPT(d_model=a.d_model, n_layer=a.n_layer, n_head=4, block_size=a.block)
-        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1, betas=(0.9, 0.95))
-        loader = self._loader_cls(self.train, batch_size=a.batch, shuffle=True, drop_last=True,
-                                  generator=torch.Generator().manual_seed(a.seed))
+        model, opt = self.model_opt(a.lr)
+        loader = self.loader()
         hook = CooldownHook(model, opt, schedule=WSD(warmup_steps=a.warmup), plan=plan, loss_fn=_loss,
                             eval_fn=lambda m: {"val_loss": self.evaluate(m)}, train_loader=loader, max_grad_norm=1.0,
                             dirpath=dirpath, verbose=False)
@@ -116,14 +102,6 @@ class Task:
             "curve": [(r["step"] + r["cooldown_steps"], r["metrics"]["val_loss"], r["step"]) for r in ok],
             "main_final": main_val[a.steps], "main_val": main_val,
         }
-
-    def evaluate(self, model) -> float:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            v = model.evaluate(self.val_loader)
-        model.train(was)
-        return v
 
 
 def _fit(points: list, first: int, last: int):
